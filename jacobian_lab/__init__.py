@@ -7,6 +7,7 @@ layers are indexed as in the GSC paper (arXiv 1712.05577), ``f_0`` = output,
 """
 
 from jacobian_lab.activations import ACTIVATIONS, get_activation
+from jacobian_lab.domain import DomainStats, domain_statistics
 from jacobian_lab.gsc import (
     GrowthRate,
     gradient_scale,
@@ -22,13 +23,17 @@ from jacobian_lab.layered import (
     LayerJacobians,
     PairJacobians,
     input_output_jacobian,
+    input_to_layer_jacobians,
     layer_jacobians,
     layer_to_layer_jacobians,
 )
 from jacobian_lab.networks import Network, mlp, resmlp
+from jacobian_lab.paths import PathGradients, path_gradients
 from jacobian_lab.residual import (
+    BlockGSC,
     BlockJacobianStats,
     Pythagorean,
+    block_gsc,
     block_jacobian_stats,
     pythagorean_decomposition,
 )
@@ -45,15 +50,20 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS",
     "INITIALIZERS",
+    "BlockGSC",
     "BlockJacobianStats",
+    "DomainStats",
     "GrowthRate",
     "LayerJacobians",
     "Network",
     "PairJacobians",
+    "PathGradients",
     "Pythagorean",
     "SpectrumSummary",
     "architecture",
+    "block_gsc",
     "block_jacobian_stats",
+    "domain_statistics",
     "get_activation",
     "gradient_scale",
     "growth_rate",
@@ -61,11 +71,13 @@ __all__ = [
     "gsc_matrix",
     "gsc_over_seeds",
     "input_output_jacobian",
+    "input_to_layer_jacobians",
     "jacobian",
     "layer_jacobians",
     "layer_to_layer_jacobians",
     "mlp",
     "paper_architectures",
+    "path_gradients",
     "pythagorean_decomposition",
     "qm_norm",
     "resmlp",

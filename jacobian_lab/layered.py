@@ -196,6 +196,38 @@ def layer_to_layer_jacobians(net: Network, params: Params, x: jax.Array) -> Pair
     return pj
 
 
+@partial(jax.jit, static_argnums=0)
+def _input_to_layer_jacobians(net: Network, params: Params, xs: jax.Array):
+    lj = _layer_jacobians(net, params, xs)
+
+    def one(units, stem):
+        def step(P, D):
+            P = D @ P
+            return P, P
+
+        _, Ps = jax.lax.scan(step, stem, units[::-1])
+        return jnp.concatenate([Ps[::-1], stem[None]], axis=0)
+
+    return jax.vmap(one)(lj.units, lj.stem), layer_finite(lj)
+
+
+def input_to_layer_jacobians(net: Network, params: Params, x: jax.Array) -> jax.Array:
+    """The Jacobian of every layer with respect to the input, from one pass.
+
+    ``result[s, l] = d f_l / d x`` is the input-output Jacobian of the prefix network of
+    depth ``L - l`` (its first ``L - l`` layers), so one call gives the input-output
+    Jacobian at every depth of a deep network.
+
+    Returns:
+        ``(S, L, d, d_in)``, GSC-paper indexing (``l = 0`` is the whole network).
+        Memory ``S * L * d * d_in`` numbers; for the whole network alone use
+        :func:`input_output_jacobian`.
+    """
+    P, ok = _input_to_layer_jacobians(net, params, samples(net, x))
+    check_layers_finite(ok)
+    return P
+
+
 def input_output_jacobian(net: Network, params: Params, x: jax.Array) -> jax.Array:
     """The Jacobian d f_0 / d x of the whole network, per sample: ``(S, d, d_in)``.
 

@@ -169,6 +169,29 @@ class Network:
         _, hs = jax.lax.scan(step, h0, params["units"])
         return jnp.concatenate([hs[::-1], h0[None]], axis=0)
 
+    def preactivations(self, params: Params, x: jax.Array) -> jax.Array:
+        """The values fed into each dense layer's nonlinearity, for a plain network.
+
+        Returns:
+            Array ``(L, B, width)`` in the GSC paper's indexing (``[0]`` belongs to the
+            output layer, ``[L-1]`` to the first layer). These are the "pre-activations"
+            whose spread across inputs measures a collapsing domain.
+        """
+        if self.residual:
+            raise ValueError(
+                "preactivations is defined for plain networks; a residual network's stream "
+                "is net.activations(params, x)"
+            )
+        self.check_input(x)
+        h0, z0 = self._dense_with_preactivation(params["stem"], x)
+
+        def step(h, p):
+            h, z = self._dense_with_preactivation(p, h)
+            return h, z
+
+        _, zs = jax.lax.scan(step, h0, params["units"])
+        return jnp.concatenate([zs[::-1], z0[None]], axis=0)
+
     def apply(self, params: Params, x: jax.Array) -> jax.Array:
         """Network output ``f_0`` for a batch ``x`` of shape ``(B, in_dim)``; ``(B, width)``."""
         self.check_input(x)
@@ -179,15 +202,21 @@ class Network:
 
     # -- internals -----------------------------------------------------------------------
     def _dense(self, p: Params, h: jax.Array) -> jax.Array:
+        return self._dense_with_preactivation(p, h)[0]
+
+    def _dense_with_preactivation(self, p: Params, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One dense layer's output and the value fed into its nonlinearity."""
         phi = get_activation(self.activation)
+        pre = h
         for step in self.order.split("-"):
             if step == "linear":
                 h = h @ p["W"].T + p["b"]
             elif step == "act":
+                pre = h
                 h = phi(h)
             elif self.norm != "none":
                 h = _normalize(h, axis=0 if self.batch_coupled else -1, eps=self.norm_eps)
-        return h
+        return h, pre
 
     def check_input(self, x: jax.Array) -> None:
         """Raise ``ValueError`` unless ``x`` is a batch ``(B, in_dim)`` this network takes."""

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442")
 LINESTYLES = ("-", "--", ":", "-.")
@@ -27,41 +28,40 @@ STYLE = {
 }
 
 
-def save_figure(fig: plt.Figure, path: str | Path) -> list[Path]:
-    """Save ``fig`` as ``path`` with suffixes .pdf and .png; returns both paths."""
+FIGURE_FORMATS = ("pdf", "png", "svg")
+
+
+def save_figure(
+    fig: plt.Figure, path: str | Path, formats: Sequence[str] = ("pdf", "png")
+) -> list[Path]:
+    """Save ``fig`` as ``path`` with each suffix in ``formats`` (of :data:`FIGURE_FORMATS`);
+    returns the paths written."""
+    unknown = set(formats) - set(FIGURE_FORMATS)
+    if unknown:
+        raise ValueError(f"unknown figure format(s) {sorted(unknown)}; use {FIGURE_FORMATS}")
     base = Path(path).with_suffix("")
-    paths = [base.with_suffix(".pdf"), base.with_suffix(".png")]
+    paths = [base.with_suffix(f".{fmt}") for fmt in formats]
     for p in paths:
         fig.savefig(p)
     plt.close(fig)
     return paths
 
 
-def plot_gsc_profiles(
-    names: Sequence[str], profiles: Sequence[Sequence[float]], path: str | Path
-) -> list[Path]:
-    """GSC(k, 0) against k (log scale), plain networks left, ResNets right.
+def series_style(i: int) -> dict:
+    """Colour and line style of the ``i``-th series: 7 Okabe-Ito colours (yellow left out,
+    too faint on white) times 4 line styles, unique for up to 28 series."""
+    return {"color": OKABE_ITO[i % 7], "linestyle": LINESTYLES[i % 4]}
+
+
+def plot_band(ax: plt.Axes, x, values, *, label: str, style: dict, log: bool = False) -> None:
+    """Mean over seeds as a line and the min-max range over seeds as a shaded band.
 
     Args:
-        names: architecture names; those starting with ``"resnet-"`` go to the right panel.
-        profiles: for each name, the GSC profile ``[GSC(0, 0), ..., GSC(L, 0)]``.
-        path: output path without suffix.
+        values: ``(seeds, len(x))``. With ``log=True`` the line is the geometric mean
+            (for quantities plotted on a log axis).
     """
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 2, figsize=(6.75, 2.6), sharey=True)
-        for ax, resnet in zip(axes, (False, True), strict=True):
-            chosen = [
-                (n, p)
-                for n, p in zip(names, profiles, strict=True)
-                if n.startswith("resnet-") == resnet
-            ]
-            for i, (name, prof) in enumerate(chosen):
-                # 7 colours (yellow left out: too faint) x 4 styles: unique up to 28 series
-                style = {"color": OKABE_ITO[i % 7], "linestyle": LINESTYLES[i % 4]}
-                ax.plot(range(len(prof)), prof, label=name, **style)
-            ax.set_yscale("log")
-            ax.set_xlabel("layer k (0 = output; k = L is the input)")
-            ax.set_title("ResNets" if resnet else "plain MLPs", fontsize=8)
-            ax.legend(ncol=2, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.28))
-        axes[0].set_ylabel("GSC(k, 0) (dimensionless)")
-        return save_figure(fig, path)
+    v = np.asarray(values, dtype=float)
+    centre = np.exp(np.log(v).mean(axis=0)) if log else v.mean(axis=0)
+    ax.plot(x, centre, label=label, **style)
+    if v.shape[0] > 1:
+        ax.fill_between(x, v.min(axis=0), v.max(axis=0), color=style["color"], alpha=0.2, lw=0)

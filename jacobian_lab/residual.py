@@ -139,15 +139,80 @@ def block_jacobian_stats(
     """Singular values of every block's Jacobian and the gradient-norm ratio across it.
 
     Args:
-        net: a residual network; params: its parameters.
+        net: a residual network; params: its parameters. A plain network is accepted
+            too: its "blocks" are its dense layers above the stem (the comparison
+            Zaeemzadeh et al. draw between blocks with and without the skip).
         x: inputs ``(B, in_dim)`` (batch norm: one batch, or ``(S, B, in_dim)``).
         key: PRNG key for the random output direction ``v``.
 
     Returns:
-        :class:`BlockJacobianStats`; the block axis has length ``depth`` (GSC-paper
-        indexing, block 0 produces the output).
+        :class:`BlockJacobianStats`; the block axis has length ``net.num_units``
+        (``depth`` blocks; GSC-paper indexing, block 0 produces the output).
     """
-    _require_residual(net)
     stats, ok = _block_stats(net, params, samples(net, x), key)
     check_layers_finite(ok)
     return stats
+
+
+class BlockGSC(NamedTuple):
+    """The GSC across each residual block and its prediction from the Pythagorean equation.
+
+    Every field has shape ``(S, depth)`` (sample, block; GSC-paper indexing). For block
+    ``l`` with input ``f = f_{l+1}``, branch ``r`` and output ``f_l = f + r``:
+
+    Fields:
+        gsc: ``GSC(l+1, l) = qm(I + J_r) ||f|| / ||f + r||``, measured.
+        branch_gsc: ``qm(J_r) ||f|| / ||r||``, the GSC of the branch alone.
+        branch_ratio: ``rho = ||r|| / ||f||``.
+        predicted: ``sqrt((1 + branch_gsc^2 rho^2) / (1 + rho^2))``.
+
+    The prediction follows from ``||f + r||^2 = ||f||^2 + ||r||^2`` (the Pythagorean
+    equation) and ``||I + J_r||_F^2 = d + ||J_r||_F^2`` (the trace of ``J_r`` negligible):
+    the block's GSC is a mean of 1 (the skip) and the branch's GSC weighted by the branch's
+    share of the squared length, so the skip dilutes an exploding branch (Philipp et al.,
+    arXiv 1712.05577, the argument that ResNets reduce the gradient).
+    """
+
+    gsc: jax.Array
+    branch_gsc: jax.Array
+    branch_ratio: jax.Array
+    predicted: jax.Array
+
+
+@partial(jax.jit, static_argnums=0)
+def _block_gsc(net: Network, params: Params, xs: jax.Array):
+    lj = _layer_jacobians(net, params, xs)
+    f_in, f_out = lj.outputs[:, 1:], lj.outputs[:, :-1]  # block l maps f_{l+1} to f_l
+    J_r = lj.units - jnp.eye(lj.units.shape[-1], dtype=lj.units.dtype)
+    d = lj.units.shape[-1]
+    n_in = jnp.linalg.norm(f_in, axis=-1)
+    n_r = jnp.linalg.norm(f_out - f_in, axis=-1)
+    qm_block = jnp.sqrt(jnp.sum(lj.units**2, axis=(-2, -1)) / d)
+    qm_r = jnp.sqrt(jnp.sum(J_r**2, axis=(-2, -1)) / d)
+    gsc_block = qm_block * n_in / jnp.linalg.norm(f_out, axis=-1)
+    rho = n_r / n_in
+    branch = qm_r / rho
+    predicted = jnp.sqrt((1 + branch**2 * rho**2) / (1 + rho**2))
+    return BlockGSC(gsc_block, branch, rho, predicted), layer_finite(lj)
+
+
+def block_gsc(net: Network, params: Params, x: jax.Array) -> BlockGSC:
+    """Measured and predicted GSC across every residual block (see :class:`BlockGSC`).
+
+    Args:
+        net: a residual network with ``block_order="pre"`` (output ``f + alpha r(f)``);
+            params: its parameters.
+        x: inputs ``(B, in_dim)`` (batch norm: one batch, or ``(S, B, in_dim)``).
+
+    Returns:
+        :class:`BlockGSC`, fields ``(S, depth)``.
+    """
+    _require_residual(net)
+    if net.block_order != "pre":
+        raise ValueError(
+            "block_gsc needs block_order='pre': with a post-activation the block's "
+            "Jacobian is not I + J_r"
+        )
+    out, ok = _block_gsc(net, params, samples(net, x))
+    check_layers_finite(ok)
+    return out

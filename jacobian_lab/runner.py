@@ -74,7 +74,9 @@ def run_sweep(
     for config in configs:
         rec = done.get(_key(config))
         if rec is None:
-            label = config.get("name", _key(config))
+            label = config.get("name") or " ".join(
+                f"{k}={v}" for k, v in config.items() if not isinstance(v, (list, dict))
+            )
             log(f"[{finished + 1}/{todo}] {label} ...")
             t0 = time.perf_counter()
             result = compute(config)

@@ -1,38 +1,87 @@
-import csv
+"""The main job end to end: ``jacobian-lab report`` at the tiny size into a temporary folder,
+its files, its verdicts on facts that hold even at that size, resuming, and bad input."""
+
 import json
 
+import pytest
+
+from analyses import ANALYSES
 from jacobian_lab.cli import main
 
-ARGS = ["gsc-table", "--depth", "6", "--width", "8", "--seeds", "2", "--batch", "3"]
+TINY = ["report", "--size", "tiny"]
 
 
-def test_gsc_table_writes_csv_and_json_and_resumes(tmp_path, capsys):
-    out = tmp_path / "table"
-    archs = ["--archs", "tanh", "batch-relu", "resnet-tanh"]
-    assert main([*ARGS, *archs, "--out", str(out)]) == 0
-    printed = capsys.readouterr()
-    assert "resnet-tanh" in printed.out and "rate r" in printed.out
-    with (out / "gsc_table.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
-    assert [r["architecture"] for r in rows] == ["tanh", "batch-relu", "resnet-tanh"]
-    assert (out / "gsc_profiles.pdf").stat().st_size > 0
-    assert (out / "gsc_profiles.png").read_bytes()[:4] == b"\x89PNG"
-    meta = json.loads((out / "gsc_table.json").read_text())
-    assert meta["records"][0]["config"]["depth"] == 6
-    # plain net of depth 6 has L = 6 layers; the GSC profile has L + 1 entries, the first 1
-    assert len(meta["records"][0]["result"]["gsc_profile_mean"]) == 7
-    assert meta["records"][0]["result"]["gsc_profile_mean"][0] == 1.0
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    assert main([*TINY, "--out", str(out)]) == 0
+    return out
 
-    assert main([*ARGS, *archs, "--out", str(out)]) == 0
-    assert "resuming: 3 of 3" in capsys.readouterr().err
+
+def _data(out, name):
+    return json.loads((out / name / f"{name}.json").read_text())
+
+
+def test_report_has_every_analysis_with_figures_data_and_verdicts(report):
+    page = (report / "report.html").read_text()
+    md = (report / "report.md").read_text()
+    assert len(ANALYSES) == 6
+    for name, analysis in ANALYSES.items():
+        assert analysis.title in page and analysis.title in md
+        payload = _data(report, name)
+        assert payload["config"]["seeds"] >= 1 and payload["jacobian_lab"]
+        assert payload["verdicts"], f"{name} states no verdict"
+        assert (report / name / f"{name}.csv").read_text().count("\n") >= 2
+        pngs = list((report / name).glob("*.png"))
+        assert pngs and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+        assert all(p.with_suffix(".pdf").stat().st_size > 0 for p in pngs)
+        assert all(f'src="{name}/{p.name}"' in page for p in pngs)
+    assert page.count("<section>") == 6
+
+
+def test_report_verdicts_at_tiny_size(report):
+    gsc = {r["architecture"]: r for r in _data(report, "gsc_across_depth")["data"]["table"]}
+    for family in ("layer-tanh", "batch-tanh"):  # plain tanh explodes faster than its ResNet
+        assert gsc[family]["rate_mean"] > gsc[f"resnet-{family}"]["rate_mean"]
+
+    rows = _data(report, "pythagorean")["data"]["table"]
+    err = {r["width"]: r["median_relative_error"] for r in rows if r["sweep"] == "width"}
+    assert err[256] < err[16] / 2  # theory: a factor sqrt(16) = 4
+
+    norm = {
+        (r["arch"], r["blocks"]): r["rms_deviation"]
+        for r in _data(report, "norm_preservation")["data"]["table"]
+    }
+    assert norm[("resnet-layer-relu", 8)] < norm[("resnet-layer-relu", 2)]
+    assert norm[("layer-relu", 8)] > 2 * norm[("resnet-layer-relu", 8)]
+
+    domain = {r["arch"]: r for r in _data(report, "collapsing_domain")["data"]["table"]}
+    assert domain["relu"]["output_cosine"] > domain["batch-relu"]["output_cosine"] + 0.3
+
+    spectra = {v["claim"]: v["holds"] for v in _data(report, "jacobian_spectra")["verdicts"]}
+    assert spectra["Orthogonal linear networks are exact isometries"]
+
+    paths = {r["arch"]: r for r in _data(report, "path_lengths")["data"]["table"]}
+    short = paths["resnet-layer-relu"]
+    assert short["gradient_weighted_length"] < 0.8 * short["mean_path_length"]
+
+
+def test_rerun_resumes_every_analysis(report, capsys):
+    assert main([*TINY, "--analyses", "pythagorean", "path_lengths", "--out", str(report)]) == 0
+    err = capsys.readouterr().err
+    assert "resuming: 4 of 4 configurations" in err  # pythagorean: 2 widths + 2 depths
+    assert "resuming: 3 of 3 configurations" in err  # path_lengths: 3 architectures
+    assert "] arch=" not in err  # nothing recomputed
 
 
 def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
-    assert main([*ARGS, "--archs", "nope", "--out", str(tmp_path)]) == 2
-    assert "unknown architecture 'nope'" in capsys.readouterr().err
+    assert main([*TINY, "--analyses", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown analysis 'nope'" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert main([*ARGS, "--archs", "tanh", "--out", str(blocker / "x")]) == 2
+    assert main([*TINY, "--out", str(blocker / "x")]) == 2
     assert "cannot write to output folder" in capsys.readouterr().err
-    assert main([*ARGS, "--depth", "0", "--out", str(tmp_path)]) == 2
-    assert "depth must be a positive integer" in capsys.readouterr().err
+    assert main([*TINY, "--depths", "0", "--out", str(tmp_path)]) == 2
+    assert "depths must be positive integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*TINY, "--formats", "jpg"])

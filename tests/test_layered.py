@@ -150,3 +150,15 @@ def test_non_finite_network_names_the_first_bad_layer(key):
         jl.gsc(net, params, x)
     with pytest.raises(FloatingPointError, match="f_3"):
         jl.layer_jacobians(net, params, x)
+
+
+def test_input_to_layer_jacobians_are_the_prefix_networks_jacobians(key):
+    net = jl.mlp(5, 6, "tanh", in_dim=4, dtype="float64")
+    params = net.init(key)
+    x = jax.random.normal(key, (2, 4), jnp.float64)
+    P = jl.input_to_layer_jacobians(net, params, x)
+    assert P.shape == (2, 5, 6, 4)
+    np.testing.assert_allclose(P[:, 0], jl.input_output_jacobian(net, params, x), rtol=1e-12)
+    for l in range(5):
+        direct = jax.vmap(jax.jacfwd(lambda v, l=l: net.activations(params, v[None])[l, 0]))(x)
+        np.testing.assert_allclose(P[:, l], direct, rtol=1e-10, atol=1e-13)

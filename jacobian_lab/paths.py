@@ -1,0 +1,139 @@
+"""Gradient carried by paths of each length through a residual network.
+
+A residual network of ``n`` pre-activation blocks ``f -> f + r_l(f)`` has the Jacobian
+``prod_l (I + J_l)`` with ``J_l = d r_l / d f``. Multiplying out gives ``2^n`` paths: a path
+of length ``k`` passes through ``k`` branches and skips the other ``n - k`` blocks
+(Veit, Wilber & Belongie, arXiv 1605.06431). Path lengths are Binomial(n, 1/2); Veit et al.
+find that the gradient of one path shrinks exponentially with its length, so most of the
+gradient comes from short paths.
+
+Two measurements, both for the gradient ``g = J^T v`` of ``<v, f_0>`` at the input of the
+first block, ``v`` a Gaussian direction at the output:
+
+* **exact**: ``g = sum_k G_k`` with ``G_k`` the sum over all paths of length ``k``,
+  computed by the recursion ``G_k <- G_k + J_l^T G_{k-1}`` applied block by block from the
+  output down (O(n^2 d^2) per sample, no enumeration of paths);
+* **per path** (Veit et al.'s measurement): the norm of the gradient along single paths of
+  length ``k``, for randomly sampled sets of ``k`` branches; ``C(n, k)`` times it is the
+  "total gradient magnitude" of length ``k`` that Veit et al. plot (it ignores cancellation
+  between paths, which the exact ``||G_k||`` includes).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import gammaln
+
+from jacobian_lab.layered import _layer_jacobians, check_layers_finite, layer_finite, samples
+from jacobian_lab.networks import Network, Params
+
+
+class PathGradients(NamedTuple):
+    """Gradient by path length; fields ``(S, n+1)`` over lengths ``k = 0 .. n``.
+
+    Fields:
+        exact: ``||G_k||``, the norm of the sum of the gradients of all paths of length k.
+        per_path: mean over sampled paths of length ``k`` of the norm of one path's gradient.
+        full: ``(S,)``; ``||J^T v||``, the norm of the whole gradient (``= ||sum_k G_k||``).
+    """
+
+    exact: jax.Array
+    per_path: jax.Array
+    full: jax.Array
+
+    @property
+    def num_paths(self) -> jax.Array:
+        """``(n+1,)``: ``C(n, k)``, the number of paths of each length."""
+        n = self.exact.shape[-1] - 1
+        k = jnp.arange(n + 1, dtype=self.exact.dtype)
+        return jnp.exp(gammaln(n + 1.0) - gammaln(k + 1) - gammaln(n - k + 1))
+
+    @property
+    def total(self) -> jax.Array:
+        """``(S, n+1)``: ``C(n, k) * per_path``, Veit et al.'s total gradient magnitude of
+        paths of length ``k``."""
+        return self.num_paths * self.per_path
+
+
+def path_decomposition(
+    branch_jacobians: jax.Array, v: jax.Array, key: jax.Array, num_paths: int = 16
+) -> tuple[jax.Array, jax.Array]:
+    """Split the backpropagated gradient of a residual stack into path lengths.
+
+    Args:
+        branch_jacobians: ``(n, d, d)``; ``J_l = d r_l / d f`` of each block, block 0 the one
+            nearest the output (GSC-paper indexing).
+        v: ``(d,)``; the gradient at the output.
+        key: PRNG key for sampling single paths.
+        num_paths: paths sampled per length for the per-path norm.
+
+    Returns:
+        ``(G, per_path)``: ``G`` of shape ``(n+1, d)`` with ``G[k]`` the gradient summed over
+        all paths of length ``k`` (so ``G.sum(0) = prod_l (I + J_l)^T v``), and
+        ``per_path`` of shape ``(n+1,)``, the mean norm of one sampled path's gradient.
+    """
+    n, d = branch_jacobians.shape[0], branch_jacobians.shape[-1]
+    if v.shape != (d,):
+        raise ValueError(f"v must have shape ({d},) to match the Jacobians, got {v.shape}")
+    G0 = jnp.zeros((n + 1, d), v.dtype).at[0].set(v)
+
+    def exact_step(G, J):
+        through = G @ J  # row k: (J^T G_k)^T
+        return G + jnp.concatenate([jnp.zeros_like(G[:1]), through[:-1]]), None
+
+    G, _ = jax.lax.scan(exact_step, G0, branch_jacobians)
+
+    # A path of length k takes the branch at the blocks whose random rank is below k.
+    ranks = jax.vmap(lambda k: jax.random.permutation(k, n))(
+        jax.random.split(key, num_paths)
+    )  # (M, n)
+    take = ranks[None, :, :] < jnp.arange(n + 1)[:, None, None]  # (n+1, M, n)
+    g0 = jnp.broadcast_to(v, (n + 1, num_paths, d))
+
+    def path_step(g, inp):
+        J, take_l = inp
+        return jnp.where(take_l[..., None], g @ J, g), None
+
+    g, _ = jax.lax.scan(path_step, g0, (branch_jacobians, jnp.moveaxis(take, -1, 0)))
+    return G, jnp.linalg.norm(g, axis=-1).mean(axis=1)
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _path_gradients(net: Network, params: Params, xs: jax.Array, key: jax.Array, num_paths):
+    lj = _layer_jacobians(net, params, xs)
+    J_r = lj.units - jnp.eye(lj.units.shape[-1], dtype=lj.units.dtype)
+    v = jax.random.normal(key, lj.outputs[:, 0].shape, lj.outputs.dtype)
+    keys = jax.random.split(jax.random.fold_in(key, 1), J_r.shape[0])
+    G, per_path = jax.vmap(partial(path_decomposition, num_paths=num_paths))(J_r, v, keys)
+    exact = jnp.linalg.norm(G, axis=-1)
+    full = jnp.linalg.norm(G.sum(axis=1), axis=-1)
+    return PathGradients(exact, per_path, full), layer_finite(lj)
+
+
+def path_gradients(
+    net: Network, params: Params, x: jax.Array, key: jax.Array, num_paths: int = 16
+) -> PathGradients:
+    """Gradient carried by residual paths of each length, per sample (Veit et al.).
+
+    Args:
+        net: a residual network with ``block_order="pre"``; params: its parameters.
+        x: inputs ``(B, in_dim)`` (batch norm: one batch, or ``(S, B, in_dim)``).
+        key: PRNG key for the output direction ``v`` and the sampled paths.
+        num_paths: single paths sampled per length.
+
+    Returns:
+        :class:`PathGradients` over lengths ``0 .. depth``; the gradient is taken at the
+        input of the first block (the stem's output).
+    """
+    if not net.residual or net.block_order != "pre":
+        raise ValueError(
+            "path_gradients needs a residual network with block_order='pre' (blocks "
+            "f -> f + r(f)); build one with jacobian_lab.resmlp(...)"
+        )
+    out, ok = _path_gradients(net, params, samples(net, x), key, num_paths)
+    check_layers_finite(ok)
+    return out

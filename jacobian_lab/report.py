@@ -1,0 +1,296 @@
+"""Analyses with verdicts, and the report page that collects them.
+
+An :class:`Analysis` (one per script in ``analyses/``) states an experiment: its
+configurations at a few sizes, how to compute one configuration (the unit that is saved as
+soon as it finishes and skipped when a run resumes), how to summarize the records into the
+numbers that are saved, how to plot from those saved numbers, and which verdicts they
+decide. :func:`run_analysis` runs one into ``<out>/<name>/``; :func:`write_report` collects
+several into ``report.md`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+
+from jacobian_lab.plotting import FIGURE_FORMATS
+from jacobian_lab.runner import prepare_output_dir, run_sweep
+
+SIZES = ("tiny", "small", "paper")
+"""``tiny``: seconds, for tests; ``small``: minutes on a 2-core CPU (the default);
+``paper``: the sizes of the papers' experiments."""
+
+OVERRIDABLE = ("depths", "widths", "seeds", "batch", "dtype")
+
+
+class Verdict(NamedTuple):
+    """One claim, whether the measurement supports it, and the numbers that decide it."""
+
+    claim: str
+    holds: bool
+    measured: str
+
+    @property
+    def line(self) -> str:
+        return f"{self.claim}: {self.measured} [{'holds' if self.holds else 'does not hold'}]"
+
+
+class Analysis(NamedTuple):
+    """An experiment as data and pure functions (see the module docstring).
+
+    Fields:
+        name: short identifier, also the output sub-folder.
+        title: one-line title for the report.
+        claim: the paper's claim being checked, with its reference.
+        sizes: for each of :data:`SIZES`, the default config (a JSON-able dict).
+        configs: ``config -> [unit config]``; each unit is computed and saved on its own.
+        compute: ``unit config -> result`` (JSON-able dict).
+        summarize: ``(config, records) -> data``; ``data["table"]``, if present, is a list
+            of flat dicts also written as CSV.
+        plot: ``(data, folder, formats) -> [paths]``; draws only from ``data``.
+        verdicts: ``data -> [Verdict]``.
+    """
+
+    name: str
+    title: str
+    claim: str
+    sizes: Mapping[str, dict]
+    configs: Callable[[dict], list[dict]]
+    compute: Callable[[dict], dict]
+    summarize: Callable[[dict, list[dict]], dict]
+    plot: Callable[[dict, Path, Sequence[str]], list[Path]]
+    verdicts: Callable[[dict], list[Verdict]]
+
+
+class AnalysisResult(NamedTuple):
+    name: str
+    title: str
+    claim: str
+    config: dict
+    files: list[Path]
+    figures: list[Path]
+    verdicts: list[Verdict]
+    seconds: float
+
+
+def analysis_config(analysis: Analysis, size: str = "small", **overrides: Any) -> dict:
+    """The config of ``analysis`` at ``size``, with ``overrides`` (those not None) applied
+    to the keys the analysis has; other overrides are ignored (not every analysis sweeps
+    widths, say)."""
+    if size not in analysis.sizes:
+        raise ValueError(f"unknown size {size!r}; expected one of {tuple(analysis.sizes)}")
+    config = json.loads(json.dumps(analysis.sizes[size]))
+    for key, value in overrides.items():
+        if value is not None and key in config:
+            config[key] = list(value) if isinstance(value, tuple) else value
+    for key in ("depths", "widths"):
+        if key in config and any(int(v) < 1 for v in config[key]):
+            raise ValueError(f"{key} must be positive integers, got {config[key]}")
+    if config.get("seeds", 1) < 1 or config.get("batch", 2) < 2:
+        raise ValueError("seeds must be >= 1 and batch >= 2")
+    return config
+
+
+def _jsonable(value: Any) -> Any:
+    """Nested lists/dicts of plain floats, with non-finite floats as None (valid JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def environment() -> dict:
+    """Library versions and the device, saved beside every result."""
+    from jacobian_lab import __version__
+
+    return {
+        "jacobian_lab": __version__,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "device": str(jax.devices()[0]),
+        "platform": jax.default_backend(),
+    }
+
+
+def _log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_analysis(
+    analysis: Analysis,
+    config: dict,
+    out: str | Path,
+    *,
+    formats: Sequence[str] = ("pdf", "png"),
+    log: Callable[[str], None] | None = None,
+) -> AnalysisResult:
+    """Run ``analysis`` with ``config`` into ``<out>/<analysis.name>/``.
+
+    Writes ``records.jsonl`` (one line per finished unit; re-running resumes from it),
+    ``<name>.json`` (config, environment, summarized numbers and verdicts), ``<name>.csv``
+    when the summary has a table, and the figures (plotted from the saved JSON).
+    """
+    log = log or _log_stderr
+    folder = prepare_output_dir(Path(out) / analysis.name)
+    t0 = time.perf_counter()
+    units = analysis.configs(config)
+    records = list(run_sweep(units, analysis.compute, folder / "records.jsonl", log=log))
+    data = _jsonable(analysis.summarize(config, records))
+    payload = {"analysis": analysis.name, "config": config, **environment(), "data": data}
+    json_path = folder / f"{analysis.name}.json"
+    json_path.write_text(json.dumps(payload, indent=1))
+    files = [json_path]
+    if data.get("table"):
+        csv_path = folder / f"{analysis.name}.csv"
+        with csv_path.open("w", newline="") as fh:
+            columns = dict.fromkeys(k for row in data["table"] for k in row)
+            writer = csv.DictWriter(fh, fieldnames=list(columns), restval="")
+            writer.writeheader()
+            writer.writerows(data["table"])
+        files.append(csv_path)
+
+    saved = json.loads(json_path.read_text())["data"]  # plot and judge the saved numbers
+    figures = analysis.plot(saved, folder, formats)
+    verdicts = analysis.verdicts(saved)
+    payload["verdicts"] = _jsonable([v._asdict() for v in verdicts])
+    json_path.write_text(json.dumps(payload, indent=1))
+    seconds = time.perf_counter() - t0
+    return AnalysisResult(
+        analysis.name, analysis.title, analysis.claim, config, files, figures, verdicts, seconds
+    )
+
+
+def write_report(out: str | Path, results: Sequence[AnalysisResult]) -> list[Path]:
+    """Write ``report.md`` and ``report.html`` in ``out``: per analysis its claim, verdicts,
+    figures (PNG), data files and config. Returns both paths."""
+    out = Path(out)
+    env = environment()
+    held = sum(v.holds for r in results for v in r.verdicts)
+    total = sum(len(r.verdicts) for r in results)
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    env_line = ", ".join(f"{k} {v}" for k, v in env.items())
+
+    md = [
+        "# jacobian_lab report",
+        "",
+        f"{stamp}; {env_line}. {held} of {total} verdicts hold.",
+        "",
+    ]
+    body = []
+    for r in results:
+        md += [f"## {r.title}", "", f"**Claim.** {r.claim}", ""]
+        md += [f"- {'✔' if v.holds else '✘'} {v.line}" for v in r.verdicts]
+        md += [""]
+        md += [f"![{r.name}]({p.relative_to(out)})" for p in r.figures if p.suffix == ".png"]
+        links = ", ".join(f"[{p.name}]({p.relative_to(out)})" for p in r.files + r.figures)
+        md += ["", f"Files: {links}. Run time {r.seconds:.1f} s.", ""]
+        md += ["Config: `" + json.dumps(r.config) + "`", ""]
+
+        items = "".join(
+            f'<li class="{"ok" if v.holds else "no"}">{"✔" if v.holds else "✘"} '
+            f"{html.escape(v.line)}</li>"
+            for v in r.verdicts
+        )
+        imgs = "".join(
+            f'<img src="{html.escape(str(p.relative_to(out)))}" alt="{html.escape(r.name)}">'
+            for p in r.figures
+            if p.suffix == ".png"
+        )
+        file_links = ", ".join(
+            f'<a href="{html.escape(str(p.relative_to(out)))}">{html.escape(p.name)}</a>'
+            for p in r.files + r.figures
+        )
+        body.append(
+            f"<section><h2>{html.escape(r.title)}</h2>"
+            f"<p><b>Claim.</b> {html.escape(r.claim)}</p><ul>{items}</ul>{imgs}"
+            f"<p>Files: {file_links}. Run time {r.seconds:.1f} s.</p>"
+            f"<details><summary>config</summary><pre>{html.escape(json.dumps(r.config, indent=1))}"
+            f"</pre></details></section>"
+        )
+    md_path, html_path = out / "report.md", out / "report.html"
+    md_path.write_text("\n".join(md))
+    html_path.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>jacobian_lab report</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}"
+        "img{max-width:100%;display:block;margin:1em 0}li.ok{color:#006d4f}"
+        "li.no{color:#a63d00}section{border-top:1px solid #ccc;margin-top:2em}</style>"
+        f"</head><body><h1>jacobian_lab report</h1><p>{html.escape(stamp)}; "
+        f"{html.escape(env_line)}. {held} of {total} verdicts hold.</p>"
+        + "".join(body)
+        + "</body></html>"
+    )
+    return [md_path, html_path]
+
+
+def add_analysis_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """The flags every analysis takes (``--size`` and the overrides of its config)."""
+    parser.add_argument(
+        "--size",
+        choices=SIZES,
+        default="small",
+        help="preset: tiny (seconds, for tests), small (minutes on 2 CPU cores; default), "
+        "paper (the papers' sizes; long)",
+    )
+    parser.add_argument(
+        "--depths",
+        type=int,
+        nargs="+",
+        help="depths to sweep (dense layers for plain networks, blocks for residual ones)",
+    )
+    parser.add_argument("--widths", type=int, nargs="+", help="widths to sweep")
+    parser.add_argument("--seeds", type=int, help="random initializations per configuration")
+    parser.add_argument("--batch", type=int, help="Gaussian inputs per configuration (>= 2)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), help="precision")
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        choices=FIGURE_FORMATS,
+        default=["pdf", "png"],
+        help="figure formats (default: pdf png)",
+    )
+    parser.add_argument("--out", default=default_out, help=f"output folder (default {default_out})")
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    """The config overrides given on the command line."""
+    return {key: getattr(args, key) for key in OVERRIDABLE}
+
+
+def enable_precision(args: argparse.Namespace) -> None:
+    """Turn on 64-bit JAX when float64 is asked for (before any array is made)."""
+    if getattr(args, "dtype", None) == "float64":
+        jax.config.update("jax_enable_x64", True)
+
+
+def script_main(analysis: Analysis, argv: Sequence[str] | None = None) -> int:
+    """Command line of a single analysis script: runs it and prints its verdict lines."""
+    parser = argparse.ArgumentParser(description=f"{analysis.title}. {analysis.claim}")
+    add_analysis_arguments(parser, default_out=f"results/{analysis.name}")
+    args = parser.parse_args(argv)
+    enable_precision(args)
+    try:
+        config = analysis_config(analysis, args.size, **overrides(args))
+        result = run_analysis(analysis, config, args.out, formats=args.formats)
+    except (ValueError, OSError, FloatingPointError) as err:
+        print(f"{analysis.name}: error: {err}", file=sys.stderr)
+        return 2
+    for v in result.verdicts:
+        print(v.line)
+    print("wrote", *map(str, result.files + result.figures))
+    return 0
