@@ -177,6 +177,9 @@ ANALYSIS = Analysis(
     summarize=summarize,
     plot=plot,
     verdicts=verdicts,
+    notes="Batch norm centres every neuron over the batch, so its pairwise cosine sits near "
+    "-1/(B-1). ReLU collapses by alignment (cosine -> 1, sign diversity -> 0), tanh at "
+    "sigma_b = 0 by shrinking pre-activations into its linear range.",
 )
 
 if __name__ == "__main__":

@@ -202,6 +202,10 @@ ANALYSIS = Analysis(
     summarize=summarize,
     plot=plot,
     verdicts=verdicts,
+    notes="The reference notes hold no GSC values reported by the paper and its full text "
+    "was not retrievable here, so there is no column of paper values or ratios. Gaussian "
+    "inputs stand in for CIFAR10. Batch-norm Jacobians are over the whole batch, so their GSC "
+    "depends on the batch size. Rates are per dense layer (a ResNet block has two).",
 )
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.ticker import NullFormatter
 
 import jacobian_lab as jl
-from jacobian_lab.plotting import OKABE_ITO, STYLE, save_figure, series_style
+from jacobian_lab.plotting import LINESTYLES, OKABE_ITO, STYLE, save_figure, series_style
 from jacobian_lab.report import Analysis, Verdict, script_main
 
 MEDIAN_ABS_NORMAL = 0.6745
@@ -142,7 +142,13 @@ def _slope(rows: list[dict], key: str) -> float:
 def plot(data: dict, folder: Path, formats) -> list[Path]:
     archs = list(dict.fromkeys(r["arch"] for r in data["table"]))
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 3, figsize=(6.75, 2.3))
+        fig, axes = plt.subplots(1, 3, figsize=(6.75, 3.0))
+        below = {
+            "frameon": False,
+            "fontsize": 5,
+            "loc": "upper center",
+            "bbox_to_anchor": (0.5, -0.25),
+        }
         ax = axes[0]
         for i, arch in enumerate(archs):
             rows = _width_rows(data, arch)
@@ -176,19 +182,27 @@ def plot(data: dict, folder: Path, formats) -> list[Path]:
             ax.set_xticks(w, [str(v) for v in w])
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("width (units)")
-        ax.set_ylabel("median over blocks (dimensionless)")
+        ax.set_ylabel("median over blocks")
         ax.set_title("(a) Pythagorean equation vs width", fontsize=8)
-        ax.legend(frameon=False, fontsize=5)
+        ax.legend(**below)
 
         ax = axes[1]
-        for i, p in enumerate(data["depth_profiles"]):
-            n = np.arange(1, p["blocks"] + 1)
-            style = series_style(i)
-            ax.loglog(n, p["branch_ratio"], label=f"{p['arch']}, {p['blocks']} blocks", **style)
+        blocks = sorted({p["blocks"] for p in data["depth_profiles"]})
+        for p in data["depth_profiles"]:
+            a = archs.index(p["arch"])
+            ax.loglog(
+                np.arange(1, p["blocks"] + 1),
+                p["branch_ratio"],
+                color=series_style(blocks.index(p["blocks"]))["color"],
+                linestyle=LINESTYLES[a % len(LINESTYLES)],
+                label=f"{p['blocks']} blocks" if a == 0 else None,
+            )
+        for a, arch in enumerate(archs):
+            ax.plot([], [], color="0.4", linestyle=LINESTYLES[a % len(LINESTYLES)], label=arch)
         ax.set_xlabel("block, counted from the input")
         ax.set_ylabel("||r|| / ||f||")
         ax.set_title("(b) branch size along the stream", fontsize=8)
-        ax.legend(frameon=False, fontsize=5, loc="lower left")
+        ax.legend(ncol=2, **below)
 
         ax = axes[2]
         deepest = {}
@@ -211,7 +225,7 @@ def plot(data: dict, folder: Path, formats) -> list[Path]:
         ax.set_xlabel("block, counted from the input")
         ax.set_ylabel("GSC across one block")
         ax.set_title("(c) the skip dilutes the branch", fontsize=8)
-        ax.legend(frameon=False, fontsize=5, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+        ax.legend(**below)
         fig.tight_layout()
         return save_figure(fig, folder / "pythagorean", formats)
 
@@ -266,6 +280,9 @@ ANALYSIS = Analysis(
     summarize=summarize,
     plot=plot,
     verdicts=verdicts,
+    notes="Layer-norm ResNets of the zoo (the no-norm ones double ||f||^2 per block and leave "
+    "float32 range after about 120 blocks). With layer norm the branch has a fixed size while "
+    "||f||^2 grows by it every block, so ||r|| / ||f|| falls like block^(-1/2).",
 )
 
 if __name__ == "__main__":

@@ -60,6 +60,8 @@ class Analysis(NamedTuple):
             of flat dicts also written as CSV.
         plot: ``(data, folder, formats) -> [paths]``; draws only from ``data``.
         verdicts: ``data -> [Verdict]``.
+        notes: what a reader should know to interpret the verdicts (departures from the
+            papers' setups, known finite-size effects); shown in the report.
     """
 
     name: str
@@ -71,12 +73,14 @@ class Analysis(NamedTuple):
     summarize: Callable[[dict, list[dict]], dict]
     plot: Callable[[dict, Path, Sequence[str]], list[Path]]
     verdicts: Callable[[dict], list[Verdict]]
+    notes: str = ""
 
 
 class AnalysisResult(NamedTuple):
     name: str
     title: str
     claim: str
+    notes: str
     config: dict
     files: list[Path]
     figures: list[Path]
@@ -172,7 +176,15 @@ def run_analysis(
     json_path.write_text(json.dumps(payload, indent=1))
     seconds = time.perf_counter() - t0
     return AnalysisResult(
-        analysis.name, analysis.title, analysis.claim, config, files, figures, verdicts, seconds
+        analysis.name,
+        analysis.title,
+        analysis.claim,
+        analysis.notes,
+        config,
+        files,
+        figures,
+        verdicts,
+        seconds,
     )
 
 
@@ -195,6 +207,7 @@ def write_report(out: str | Path, results: Sequence[AnalysisResult]) -> list[Pat
     body = []
     for r in results:
         md += [f"## {r.title}", "", f"**Claim.** {r.claim}", ""]
+        md += [f"*Notes.* {r.notes}", ""] if r.notes else []
         md += [f"- {'✔' if v.holds else '✘'} {v.line}" for v in r.verdicts]
         md += [""]
         md += [f"![{r.name}]({p.relative_to(out)})" for p in r.figures if p.suffix == ".png"]
@@ -218,7 +231,9 @@ def write_report(out: str | Path, results: Sequence[AnalysisResult]) -> list[Pat
         )
         body.append(
             f"<section><h2>{html.escape(r.title)}</h2>"
-            f"<p><b>Claim.</b> {html.escape(r.claim)}</p><ul>{items}</ul>{imgs}"
+            f"<p><b>Claim.</b> {html.escape(r.claim)}</p>"
+            + (f"<p><i>Notes.</i> {html.escape(r.notes)}</p>" if r.notes else "")
+            + f"<ul>{items}</ul>{imgs}"
             f"<p>Files: {file_links}. Run time {r.seconds:.1f} s.</p>"
             f"<details><summary>config</summary><pre>{html.escape(json.dumps(r.config, indent=1))}"
             f"</pre></details></section>"
