@@ -27,8 +27,15 @@ from jacobian_lab.layered import (
     layer_jacobians,
     layer_to_layer_jacobians,
 )
+from jacobian_lab.meanfield import MeanField, critical_sigma_w, gsc_growth_rate, mean_field
 from jacobian_lab.networks import Network, mlp, resmlp
 from jacobian_lab.paths import PathGradients, path_gradients
+from jacobian_lab.random_matrix import (
+    fuss_catalan_density,
+    fuss_catalan_moments,
+    jacobian_moments,
+    marchenko_pastur_density,
+)
 from jacobian_lab.residual import (
     BlockGSC,
     BlockJacobianStats,
@@ -55,6 +62,7 @@ __all__ = [
     "DomainStats",
     "GrowthRate",
     "LayerJacobians",
+    "MeanField",
     "Network",
     "PairJacobians",
     "PathGradients",
@@ -63,18 +71,25 @@ __all__ = [
     "architecture",
     "block_gsc",
     "block_jacobian_stats",
+    "critical_sigma_w",
     "domain_statistics",
     "get_activation",
+    "fuss_catalan_density",
+    "fuss_catalan_moments",
     "gradient_scale",
     "growth_rate",
     "gsc",
+    "gsc_growth_rate",
     "gsc_matrix",
     "gsc_over_seeds",
     "input_output_jacobian",
     "input_to_layer_jacobians",
     "jacobian",
+    "jacobian_moments",
     "layer_jacobians",
     "layer_to_layer_jacobians",
+    "marchenko_pastur_density",
+    "mean_field",
     "mlp",
     "paper_architectures",
     "path_gradients",

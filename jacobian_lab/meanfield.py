@@ -278,3 +278,51 @@ def critical_sigma_w(
         lo, f_lo = np.where(left, mid, lo), np.where(left, f_mid, f_lo)
         hi = np.where(left, hi, mid)
     return np.where(bracketed, 0.5 * (lo + hi), np.nan)
+
+
+def gsc_growth_rate(activation: str, sigma_w, sigma_b, norm: str = "none", **kwargs):
+    """Predicted growth of the GSC per dense layer, ``GSC(k, 0) ~ r^k``, for a plain MLP in
+    the order linear -> norm -> activation at its fixed point (lengths stationary, so the
+    GSC grows like the qm norm of the Jacobian):
+
+    * ``norm="none"``: ``r = sqrt(chi_1)`` at ``q*``;
+    * ``norm="layer"``: the pre-activations are normalized to variance 1 and the layer norm
+      divides by the standard deviation of ``W x + b`` across units,
+      ``sqrt(sigma_w^2 E[phi(z)^2] + sigma_b^2)``, so
+      ``r^2 = sigma_w^2 E[phi'(z)^2] / (sigma_w^2 E[phi(z)^2] + sigma_b^2)``, ``z ~ N(0, 1)``.
+
+    Batch norm couples the examples of a batch; its explosion rate depends on the batch
+    size (Yang et al., arXiv 1902.08129) and is not predicted here (``ValueError``).
+    ``kwargs`` go to :func:`mean_field`.
+    """
+    if norm == "none":
+        return np.sqrt(mean_field(activation, sigma_w, sigma_b, **kwargs).chi_1)
+    if norm == "layer":
+        phi_sq = length_map(activation, 1.0, 1.0, 0.0)  # E[phi(z)^2]
+        sw2 = np.asarray(sigma_w, np.float64) ** 2
+        return np.sqrt(chi(activation, 1.0, sigma_w) / (sw2 * phi_sq + np.asarray(sigma_b) ** 2))
+    raise ValueError(
+        f"no mean-field GSC prediction for norm={norm!r}: use 'none' or 'layer' (batch "
+        "norm's rate depends on the batch size)"
+    )
+
+
+def gsc_profile(activation: str, sigma_w, sigma_b, depth: int, q1=None) -> np.ndarray:
+    """Predicted ``GSC(k, 0)`` for ``k = 0 .. depth`` of a plain MLP without normalization
+    (GSC-paper indexing, ``k = depth`` the input), including the transient before the fixed
+    point: with ``q_1 .. q_L`` from the length map and ``P_i = E[phi(sqrt(q_i) z)^2]``
+    (``P_0 = 1`` for inputs with ``||x||^2 = n``),
+    ``GSC(k, 0)^2 = prod_{i > L-k} chi(q_i) * P_{L-k} / P_L``: the mean squared singular
+    value of the Jacobian from layer ``k`` to the output times the squared length ratio.
+
+    Args:
+        q1: the first layer's pre-activation variance; default ``sigma_w^2 + sigma_b^2``.
+    """
+    q1 = np.asarray(sigma_w) ** 2 + np.asarray(sigma_b) ** 2 if q1 is None else q1
+    q = length_sequence(activation, q1, sigma_w, sigma_b, depth)  # q_1 .. q_L
+    chis = chi(activation, q, sigma_w)
+    P = np.concatenate([[1.0], (length_map(activation, q, 1.0, 0.0))])  # P_0 .. P_L
+    L = int(depth)
+    log_chi_from_top = np.concatenate([[0.0], np.cumsum(np.log(chis[::-1]))])  # k = 0 .. L
+    k = np.arange(L + 1)
+    return np.sqrt(np.exp(log_chi_from_top) * P[L - k] / P[L])

@@ -230,9 +230,13 @@ class Network:
 
 
 def _normalize(h: jax.Array, axis: int, eps: float) -> jax.Array:
-    mean = jnp.mean(h, axis=axis, keepdims=True)
-    var = jnp.mean((h - mean) ** 2, axis=axis, keepdims=True)
-    return (h - mean) / jnp.sqrt(var + eps)
+    centred = h - jnp.mean(h, axis=axis, keepdims=True)
+    # c * c, not c ** 2 or jnp.square: with jax/jaxlib 0.10.2 on CPU, jit(vmap(jacfwd(.)))
+    # of a normalization written with a square miscompiles at batch x width >= ~4096 and
+    # returns wrong Jacobians for every batch element but the first (seen at width 256,
+    # batch 16); tests/test_layered.py guards this.
+    var = jnp.mean(centred * centred, axis=axis, keepdims=True)
+    return centred / jnp.sqrt(var + eps)
 
 
 def _dense_params(key, init, fan_in, fan_out, net: Network, paired_input: bool) -> Params:
