@@ -9,6 +9,7 @@ from analyses import (
     norm_preservation,
     path_lengths,
     pythagorean,
+    theory_validation,
 )
 
 ANALYSES = {
@@ -20,5 +21,6 @@ ANALYSES = {
         collapsing_domain,
         jacobian_spectra,
         path_lengths,
+        theory_validation,
     )
 }

@@ -72,6 +72,10 @@ def compute(unit: dict) -> dict:
     # log-scale summaries stay finite (1e-30 is far below any plotted value)
     s = np.maximum(np.concatenate(svals, axis=0), 1e-30)
     out = {"depths": depths}
+    q1 = SIGMA_W[act] ** 2 * float(np.mean(np.asarray(x, float) ** 2))
+    mean, var = jl.jacobian_moments(act, SIGMA_W[act], 0.0, max(depths), unit["init"], q1=q1)
+    out["theory_mean_sq"] = [float(mean[D - 1]) for D in depths]
+    out["theory_var_sq"] = [float(var[D - 1]) for D in depths]
     summary = jl.spectrum_summary(s)
     for field in ("mean_sq", "var_sq", "log_spread", "max", "min"):
         out[field] = np.asarray(getattr(summary, field)).mean(axis=0).tolist()
@@ -120,6 +124,19 @@ def plot(data: dict, folder: Path, formats) -> list[Path]:
             ax = axes[inits.index(s["init"]), acts.index(s["activation"])]
             for j, D in enumerate(s["depths"]):
                 ax.plot(centres, s["log10_density"][j], label=f"depth {D}", **series_style(j))
+                if s["activation"] == "linear" and s["init"] == "gaussian":
+                    # the Fuss-Catalan law of sigma^2, as a density of log10 sigma
+                    lam = centres**2
+                    fc = jl.fuss_catalan_density(D, lam) * 2 * np.log(10) * lam
+                    last = j == len(s["depths"]) - 1
+                    ax.plot(
+                        centres,
+                        fc,
+                        color=series_style(j)["color"],
+                        lw=0.6,
+                        linestyle=(0, (1, 1)),
+                        label="Fuss-Catalan" if last else None,
+                    )
             ax.set_xscale("log")
             ax.set_title(f"{s['activation']}, {s['init']} (width {s['width']})", fontsize=7)
         for ax in axes[-1]:
@@ -147,10 +164,18 @@ def plot(data: dict, folder: Path, formats) -> list[Path]:
                 label=label + (" (0, not shown)" if exact else ""),
                 **style,
             )
+            theory = np.array(s["theory_var_sq"], dtype=float)
+            ax.loglog(
+                s["depths"],
+                np.where(theory < 1e-8, np.nan, theory),
+                lw=0.6,
+                color=style["color"],
+                linestyle=(0, (1, 1)),
+            )
             ax2.semilogx(s["depths"], s["log_spread"], marker="o", ms=2.5, label=label, **style)
-        if spectra:
-            D = np.array(spectra[0]["depths"], dtype=float)
-            ax.loglog(D, D, ":", color=OKABE_ITO[0], label="D (Fuss-Catalan, Gaussian linear)")
+        ax.plot(
+            [], [], color="0.4", lw=0.6, linestyle=(0, (1, 1)), label="free probability (theory)"
+        )
         ax.set_xlabel("depth D (layers)")
         ax.set_ylabel("variance of sigma^2")
         ax.set_title("(a) second moment (scale-dependent)", fontsize=8)

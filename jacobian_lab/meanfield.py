@@ -256,6 +256,17 @@ def derivative_moments(activation: str, q):
     )
 
 
+@_float64
+def derivative_distribution(activation: str, q):
+    """The law of ``phi'(u)^2`` for ``u ~ N(0, q)`` (scalar ``q``) as weighted atoms:
+    ``(values, weights)`` with ``E[g(phi'(u)^2)] ~ sum_i weights_i g(values_i)`` for smooth
+    ``g`` (the quadrature rule of this module; weights sum to 1 up to 1e-32)."""
+    _, d1, _ = _derivatives(activation)
+    s = jnp.sqrt(q)
+    z, w = _pieces(_kinks(activation) / jnp.where(s > 0, s, 1.0))
+    return d1(s * z) ** 2, w
+
+
 def critical_sigma_w(
     activation: str, sigma_b, *, low: float = 0.05, high: float = 8.0, steps: int = 60
 ) -> np.ndarray:

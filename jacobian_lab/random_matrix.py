@@ -20,7 +20,12 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import comb
 
-from jacobian_lab.meanfield import derivative_moments, length_sequence
+from jacobian_lab.meanfield import (
+    derivative_distribution,
+    derivative_moments,
+    length_sequence,
+    mean_field,
+)
 
 WEIGHT_VARIANCE = {"gaussian": 1.0, "orthogonal": 0.0}
 """Normalized variance ``var / mean^2`` of the eigenvalues of ``W^T W`` for a square
@@ -62,15 +67,18 @@ def fuss_catalan_density(depth: int, x) -> np.ndarray:
     def x_of(t):
         return np.sin((L + 1) * t) ** (L + 1) / (np.sin(t) * np.sin(L * t) ** L)
 
+    inside = (x > 0) & (x < top)
+    target = np.where(inside, x, 1.0)  # points outside the support get 0 below
     lo = np.full(x.shape, 1e-300)
     hi = np.full(x.shape, np.pi / (L + 1))
-    for _ in range(200):  # bisection to double precision in t
-        mid = 0.5 * (lo + hi)
-        right = x_of(mid) > x  # x(t) decreasing: the root lies to the right of mid
-        lo, hi = np.where(right, mid, lo), np.where(right, hi, mid)
-    t = 0.5 * (lo + hi)
-    rho = np.sin(t) ** 2 * np.sin(L * t) ** (L - 1) / (np.pi * np.sin((L + 1) * t) ** L)
-    return np.where((x > 0) & (x < top), rho, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # x(t) -> 0/0 at the far end
+        for _ in range(200):  # bisection to double precision in t
+            mid = 0.5 * (lo + hi)
+            right = x_of(mid) > target  # x(t) decreasing: the root lies right of mid
+            lo, hi = np.where(right, mid, lo), np.where(right, hi, mid)
+        t = 0.5 * (lo + hi)
+        rho = np.sin(t) ** 2 * np.sin(L * t) ** (L - 1) / (np.pi * np.sin((L + 1) * t) ** L)
+    return np.where(inside, rho, 0.0)
 
 
 def jacobian_moments(
@@ -110,3 +118,82 @@ def jacobian_moments(
     mean = np.cumprod(sigma_w**2 * mu1)
     v = np.cumsum(WEIGHT_VARIANCE[weights] + mu2 / mu1**2 - 1)
     return mean, v * mean**2
+
+
+def jacobian_spectral_density(
+    activation: str,
+    sigma_w: float,
+    sigma_b: float,
+    depth: int,
+    x,
+    weights: str = "gaussian",
+    *,
+    q: float | None = None,
+    eta: float = 1e-9,
+    newton_steps: int = 60,
+) -> np.ndarray:
+    """Density of ``lambda = sigma^2`` for the input-output Jacobian of a deep random MLP
+    whose layers all sit at the fixed point, by free probability (Pennington, Schoenholz &
+    Ganguli, arXiv 1711.04735, Section 3), solved numerically.
+
+    With ``M(lambda) = lambda G(lambda) - 1`` (``G`` the Stieltjes transform) and
+    ``S(z) = (1 + z) / (z M^{-1}(z))``, the spectrum of ``J J^T`` has
+    ``S = (S_W S_D)^L``: ``S_W(z) = 1 / (sigma_w^2 (1 + z))`` for Gaussian and ``1 / sigma_w^2``
+    for orthogonal weights, and ``S_D(z) = (1 + z) / (z zeta)`` where ``zeta`` solves
+    ``M_D(zeta) = E[t / (zeta - t)] = z`` over the law of ``t = phi'(u)^2``. Parametrizing
+    by ``zeta`` makes every step explicit: ``z = M_D(zeta)``, then
+    ``lambda(zeta) = (1 + z) / (z S(z))``. For each ``x`` (descending, by continuation from
+    beyond the support, where ``z ~ m_1 / lambda``) Newton's method solves
+    ``lambda(zeta) = x + i eta``, and ``density = -Im[(1 + z) / lambda] / pi``.
+
+    Args:
+        x: points ``> 0`` at which to evaluate the density (any order).
+        q: pre-activation variance of every layer; default the fixed point ``q*``.
+
+    Returns:
+        Density values at ``x``. Accuracy is limited near the edges of the support and near
+        0, where the density may diverge; check it against :func:`jacobian_moments`.
+    """
+    if weights not in WEIGHT_VARIANCE:
+        raise ValueError(f"unknown weights {weights!r}; expected one of {tuple(WEIGHT_VARIANCE)}")
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    q = float(mean_field(activation, sigma_w, sigma_b).q_star) if q is None else float(q)
+    t, w = (np.asarray(a, np.float64) for a in derivative_distribution(activation, q))
+    keep = w > 1e-300
+    t, w = t[keep], w[keep]
+    s2 = sigma_w**2
+    mu1 = float(np.sum(w * t))
+    m1 = (s2 * mu1) ** depth
+
+    def lam(zeta):
+        z = np.sum(w * t / (zeta - t))
+        s_d = (1 + z) / (z * zeta)
+        s_w = 1 / (s2 * (1 + z)) if weights == "gaussian" else 1 / s2
+        return (1 + z) / (z * (s_w * s_d) ** depth), z
+
+    x = np.asarray(x, np.float64)
+    order = np.argsort(-x.ravel())
+    mean, var = jacobian_moments(activation, sigma_w, sigma_b, depth, weights, q1=q)
+    start = float(x.max() + mean[-1] + 10 * np.sqrt(var[-1]) + 1)
+    target = start + 1j * eta
+    zeta = complex(mu1 * target / m1 + t.max())  # z = M_D(zeta) ~ mu1 / zeta ~ m1 / lambda
+    density = np.empty(x.size)
+    # walk in from far outside the support to the first point, then along the points
+    path = [*np.linspace(start, x.ravel()[order[0]], 200)[:-1], *x.ravel()[order]]
+    results = []
+    for point in path:
+        target = point + 1j * eta
+        for _ in range(newton_steps):
+            value, _ = lam(zeta)
+            h = 1e-7 * (1 + abs(zeta))
+            slope = (lam(zeta + h)[0] - lam(zeta - h)[0]) / (2 * h)
+            step = (value - target) / slope
+            zeta = zeta - step
+            if abs(step) < 1e-14 * (1 + abs(zeta)):
+                break
+        results.append(lam(zeta)[1])
+    z_at_points = np.array(results[-x.size :])
+    g = (1 + z_at_points) / (x.ravel()[order] + 1j * eta)
+    density[order] = np.maximum(-g.imag / np.pi, 0.0)
+    return density.reshape(x.shape)

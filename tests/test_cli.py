@@ -25,7 +25,7 @@ def _data(out, name):
 def test_report_has_every_analysis_with_figures_data_and_verdicts(report):
     page = (report / "report.html").read_text()
     md = (report / "report.md").read_text()
-    assert len(ANALYSES) == 6
+    assert len(ANALYSES) == 7
     for name, analysis in ANALYSES.items():
         assert analysis.title in page and analysis.title in md
         payload = _data(report, name)
@@ -36,7 +36,7 @@ def test_report_has_every_analysis_with_figures_data_and_verdicts(report):
         assert pngs and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
         assert all(p.with_suffix(".pdf").stat().st_size > 0 for p in pngs)
         assert all(f'src="{name}/{p.name}"' in page for p in pngs)
-    assert page.count("<section>") == 6
+    assert page.count("<section>") == 7
 
 
 def test_report_verdicts_at_tiny_size(report):
@@ -60,6 +60,12 @@ def test_report_verdicts_at_tiny_size(report):
 
     spectra = {v["claim"]: v["holds"] for v in _data(report, "jacobian_spectra")["verdicts"]}
     assert spectra["Orthogonal linear networks are exact isometries"]
+
+    theory = _data(report, "theory_validation")["data"]["table"]
+    exact = [r for r in theory if r["setting"].startswith("linear, orthogonal")]
+    assert exact and all(r["status"] == "agrees" for r in exact)
+    linear = [r for r in theory if r["setting"] == "linear, gaussian, depth 1"]
+    assert all(abs(r["z"]) < 4 for r in linear)  # Marchenko-Pastur moments, 3 seeds
 
     paths = {r["arch"]: r for r in _data(report, "path_lengths")["data"]["table"]}
     short = paths["resnet-layer-relu"]
