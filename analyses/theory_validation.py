@@ -36,6 +36,11 @@ from jacobian_lab.report import Analysis, Verdict, script_main
 
 SIGMA_W = {"linear": 1.0, "relu": 2.0**0.5, "tanh": 1.0}
 Q_SETTINGS = {"tanh": (1.5, 0.3), "relu": (2.0**0.5, 0.3), "erf": (1.5, 0.3)}
+DENSITY_SETTINGS = {  # (activation, weights): (sigma_w, sigma_b, depth), inputs at q*
+    ("tanh", "orthogonal"): (1.2, 0.1, 4),
+    ("tanh", "gaussian"): (1.2, 0.1, 4),
+}
+LOG10_LAMBDA_BINS = np.linspace(-4.0, 2.0, 49)
 GSC_FAMILIES = ["relu", "layer-relu", "tanh", "layer-tanh", "selu", "layer-selu"]
 LAMBDA_BINS = {1: np.linspace(0, 4.5, 31), 4: np.linspace(0, 12, 41)}
 Z_AGREE = 3.0
@@ -93,6 +98,11 @@ def configs(config: dict) -> list[dict]:
         {"kind": "q", "activation": a, "width": w, "depth": config["q_depth"], **common}
         for w in config["widths"]
         for a in Q_SETTINGS
+    ]
+    units += [
+        {"kind": "density", "activation": a, "init": i, "width": w, **common}
+        for w in config["widths"]
+        for a, i in DENSITY_SETTINGS
     ]
     # A fitted GSC rate has a heavy-tailed seed-to-seed spread (16 seeds at width 256 gave
     # means from 1.033 to 1.047 for layer-selu, whose theory is 1.035): four times the seeds.
@@ -192,8 +202,49 @@ def _gsc(unit: dict) -> dict:
     }
 
 
+def _density(unit: dict) -> dict:
+    """Measured sigma^2 of a network whose inputs sit at the fixed point q*, against the
+    free-probability density: KS distance and histograms of log10 sigma^2."""
+    act, init, width = unit["activation"], unit["init"], unit["width"]
+    sw, sb, depth = DENSITY_SETTINGS[(act, init)]
+    q_star = float(jl.mean_field(act, sw, sb).q_star)
+    net = jl.mlp(depth, width, act, weight_init=init, sigma_w=sw, sigma_b=sb, dtype=unit["dtype"])
+    x = _inputs(unit, width, net.dtype)
+    x = (
+        x
+        / jax.numpy.linalg.norm(x, axis=1, keepdims=True)
+        * np.sqrt(width * (q_star - sb**2) / sw**2)
+    )
+    lam = np.sort(
+        np.concatenate(
+            [
+                np.asarray(
+                    jl.singular_values(jl.input_output_jacobian(net, net.init(k), x)), float
+                ).ravel()
+                ** 2
+                for k in _seeds(unit)
+            ]
+        )
+    )
+    grid = np.geomspace(1e-6, 1.5 * lam.max(), 1500)  # float32 resolves sigma^2 above ~1e-6
+    density = jl.jacobian_spectral_density(act, sw, sb, depth, grid, init, q=q_star)
+    ks = jl.random_matrix.ks_distance(lam, grid, jl.random_matrix.cdf_from_density(grid, density))
+    centres = 10 ** (0.5 * (LOG10_LAMBDA_BINS[1:] + LOG10_LAMBDA_BINS[:-1]))
+    theory = jl.jacobian_spectral_density(act, sw, sb, depth, centres, init, q=q_star)
+    return {
+        "setting": f"{act}, {init}, sigma_w {sw}, sigma_b {sb}, depth {depth}, at q*",
+        "ks": ks,
+        "eigenvalues": int(lam.size),
+        "measured_log10_density": np.histogram(
+            np.log10(np.maximum(lam, 1e-30)), bins=LOG10_LAMBDA_BINS, density=True
+        )[0].tolist(),
+        "theory_log10_density": (theory * centres * np.log(10)).tolist(),
+    }
+
+
 def compute(unit: dict) -> dict:
-    return {"spectrum": _spectrum, "q": _q, "gsc": _gsc}[unit["kind"]](unit)
+    kinds = {"spectrum": _spectrum, "q": _q, "gsc": _gsc, "density": _density}
+    return kinds[unit["kind"]](unit)
 
 
 def _rows(records: list[dict]) -> list[dict]:
@@ -225,6 +276,13 @@ def _rows(records: list[dict]) -> list[dict]:
                         c["dtype"],
                     )
                 )
+        elif c["kind"] == "density":
+            # z = 3 at the 95% Kolmogorov-Smirnov critical value of i.i.d. samples of this
+            # size; eigenvalues repel, so this band is wider than their actual scatter
+            band = 1.36 / np.sqrt(r["eigenvalues"]) / Z_AGREE
+            rows.append(
+                _row("ks_distance", r["setting"], c["width"], 0.0, r["ks"], band, c["dtype"])
+            )
         elif c["kind"] == "q":
             sw, sb = Q_SETTINGS[c["activation"]]
             setting = f"{c['activation']}, sigma_w {sw:.3g}, sigma_b {sb}, layer {c['depth']}"
@@ -302,12 +360,37 @@ def summarize(config: dict, records: list[dict]) -> dict:
         ),
         {},
     )
-    return {
-        "table": table,
-        "histograms": hist,
-        "histogram_width": width,
-        "bins": {str(D): b.tolist() for D, b in LAMBDA_BINS.items()},
-    }
+    overlays = []
+    for D, h in hist.items():  # Gaussian linear: Marchenko-Pastur (depth 1), Fuss-Catalan
+        bins = LAMBDA_BINS[int(D)]
+        x = np.linspace(bins[0] + 1e-3, bins[-1], 400)
+        overlays.append(
+            {
+                "title": f"Gaussian linear, depth {D}",
+                "xlabel": "sigma^2",
+                "bins": bins.tolist(),
+                "measured": h,
+                "theory_x": x.tolist(),
+                "theory": jl.fuss_catalan_density(int(D), x).tolist(),
+                "theory_label": "Marchenko-Pastur" if D == "1" else f"Fuss-Catalan, L = {D}",
+            }
+        )
+    for rec in records:
+        c, r = rec["config"], rec["result"]
+        if c["kind"] == "density" and c["width"] == width:
+            centres = 0.5 * (LOG10_LAMBDA_BINS[1:] + LOG10_LAMBDA_BINS[:-1])
+            overlays.append(
+                {
+                    "title": r["setting"].split(", sigma_w")[0] + ", at q*",
+                    "xlabel": "log10 sigma^2",
+                    "bins": LOG10_LAMBDA_BINS.tolist(),
+                    "measured": r["measured_log10_density"],
+                    "theory_x": centres.tolist(),
+                    "theory": r["theory_log10_density"],
+                    "theory_label": "free probability",
+                }
+            )
+    return {"table": table, "overlays": overlays, "overlay_width": width}
 
 
 def plot(data: dict, folder: Path, formats) -> list[Path]:
@@ -336,14 +419,29 @@ def plot(data: dict, folder: Path, formats) -> list[Path]:
                     color=series_style(i + 4)["color"],
                     label=f"width {w}",
                 )
-            lims = [
-                min(ax.get_xlim()[0], ax.get_ylim()[0]),
-                max(ax.get_xlim()[1], ax.get_ylim()[1]),
+            values = [
+                v
+                for r in table
+                if r["quantity"] == quantity
+                for v in (r["predicted"], r["measured"])
             ]
+            if not values:
+                continue
+            lo, hi = min(values), max(values)
+            if quantity == "mean_sq":
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                lims = [lo / 1.5, hi * 1.5]
+            elif quantity == "norm_var":  # orthogonal linear sits at 0: linear near 0
+                ax.set_xscale("symlog", linthresh=0.1)
+                ax.set_yscale("symlog", linthresh=0.1)
+                lims = [0.0, hi * 1.5]
+            else:
+                pad = 0.1 * (hi - lo)
+                lims = [lo - pad, hi + pad]
             ax.plot(lims, lims, ":", color=OKABE_ITO[0], lw=0.8)
-            if quantity != "gsc_rate":
-                ax.set_xscale("symlog", linthresh=1e-3)
-                ax.set_yscale("symlog", linthresh=1e-3)
+            ax.set_xlim(lims)
+            ax.set_ylim(lims)
             ax.set_xlabel("predicted")
             ax.set_ylabel("measured")
             ax.set_title(title, fontsize=8)
@@ -351,27 +449,29 @@ def plot(data: dict, folder: Path, formats) -> list[Path]:
         fig.tight_layout()
         paths += save_figure(fig, folder / "theory_vs_measured", formats)
 
-        hist = data["histograms"]
-        if hist:
-            fig, axes = plt.subplots(1, len(hist), figsize=(3.3 * len(hist), 2.4), squeeze=False)
-            for ax, (D, h) in zip(axes[0], hist.items(), strict=True):
-                bins = np.array(data["bins"][D])
-                ax.stairs(h, bins, color=OKABE_ITO[5], label="measured", fill=True, alpha=0.4)
-                x = np.linspace(bins[0] + 1e-3, bins[-1], 400)
+        overlays = data["overlays"]
+        if overlays:
+            fig, axes = plt.subplots(
+                1, len(overlays), figsize=(1.7 * len(overlays), 2.2), squeeze=False
+            )
+            for ax, o in zip(axes[0], overlays, strict=True):
+                ax.stairs(
+                    o["measured"],
+                    o["bins"],
+                    color=OKABE_ITO[5],
+                    fill=True,
+                    alpha=0.4,
+                    label=f"measured, width {data['overlay_width']}",
+                )
                 ax.plot(
-                    x,
-                    jl.fuss_catalan_density(int(D), x),
-                    color=OKABE_ITO[0],
-                    label="Marchenko-Pastur" if D == "1" else f"Fuss-Catalan, L = {D}",
+                    o["theory_x"], o["theory"], color=OKABE_ITO[0], lw=0.9, label=o["theory_label"]
                 )
                 ax.set_yscale("log")
                 ax.set_ylim(1e-3, None)
-                ax.set_xlabel("sigma^2 of d f_0 / d x")
-                ax.set_ylabel("density")
-                ax.set_title(
-                    f"Gaussian linear, depth {D}, width {data['histogram_width']}", fontsize=8
-                )
-                ax.legend(frameon=False)
+                ax.set_xlabel(o["xlabel"])
+                ax.set_title(o["title"], fontsize=6)
+                ax.legend(frameon=False, fontsize=4.5, loc="lower center")
+            axes[0, 0].set_ylabel("density")
             fig.tight_layout()
             paths += save_figure(fig, folder / "spectrum_overlays", formats)
     return paths

@@ -34,6 +34,7 @@ from jacobian_lab.random_matrix import (
     fuss_catalan_density,
     fuss_catalan_moments,
     jacobian_moments,
+    jacobian_spectral_density,
     marchenko_pastur_density,
 )
 from jacobian_lab.residual import (
@@ -86,6 +87,7 @@ __all__ = [
     "input_to_layer_jacobians",
     "jacobian",
     "jacobian_moments",
+    "jacobian_spectral_density",
     "layer_jacobians",
     "layer_to_layer_jacobians",
     "marchenko_pastur_density",

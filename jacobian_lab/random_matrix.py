@@ -129,7 +129,7 @@ def jacobian_spectral_density(
     weights: str = "gaussian",
     *,
     q: float | None = None,
-    eta: float = 1e-9,
+    eta: float = 1e-7,
     newton_steps: int = 60,
 ) -> np.ndarray:
     """Density of ``lambda = sigma^2`` for the input-output Jacobian of a deep random MLP
@@ -148,6 +148,8 @@ def jacobian_spectral_density(
 
     Args:
         x: points ``> 0`` at which to evaluate the density (any order).
+        eta: the density is evaluated at ``x (1 + i eta)``: a Lorentzian smoothing of
+            relative width ``eta``.
         q: pre-activation variance of every layer; default the fixed point ``q*``.
 
     Returns:
@@ -174,26 +176,73 @@ def jacobian_spectral_density(
 
     x = np.asarray(x, np.float64)
     order = np.argsort(-x.ravel())
+    points = x.ravel()[order]
     mean, var = jacobian_moments(activation, sigma_w, sigma_b, depth, weights, q1=q)
-    start = float(x.max() + mean[-1] + 10 * np.sqrt(var[-1]) + 1)
-    target = start + 1j * eta
-    zeta = complex(mu1 * target / m1 + t.max())  # z = M_D(zeta) ~ mu1 / zeta ~ m1 / lambda
-    density = np.empty(x.size)
-    # walk in from far outside the support to the first point, then along the points
-    path = [*np.linspace(start, x.ravel()[order[0]], 200)[:-1], *x.ravel()[order]]
-    results = []
-    for point in path:
-        target = point + 1j * eta
+    # far enough out that the series z ~ m_1 / lambda gives Newton a good first guess
+    start = 1e3 * float(points[0] + mean[-1] + 10 * np.sqrt(var[-1]) + 1)
+
+    def newton(zeta, target):
         for _ in range(newton_steps):
             value, _ = lam(zeta)
             h = 1e-7 * (1 + abs(zeta))
             slope = (lam(zeta + h)[0] - lam(zeta - h)[0]) / (2 * h)
             step = (value - target) / slope
             zeta = zeta - step
-            if abs(step) < 1e-14 * (1 + abs(zeta)):
-                break
-        results.append(lam(zeta)[1])
-    z_at_points = np.array(results[-x.size :])
-    g = (1 + z_at_points) / (x.ravel()[order] + 1j * eta)
-    density[order] = np.maximum(-g.imag / np.pi, 0.0)
-    return density.reshape(x.shape)
+            if abs(step) < 1e-13 * (1 + abs(zeta)):
+                return zeta, True
+        return zeta, False
+
+    # Continuation from far outside the support, in steps of at most 1% (relative), so that
+    # Newton follows one branch. On the physical branch Im G(x + i y) <= -y |G|^2 (y > 0);
+    # a step that lands elsewhere (e.g. a real root inside the support) is retried from a
+    # guess pushed off the real axis.
+    zeta = complex(mu1 * start / m1 + t.max())  # z = M_D(zeta) ~ mu1 / zeta ~ m1 / lambda
+    density = np.empty(points.size)
+    previous = start
+    for i, point in enumerate(points):
+        n_sub = max(1, int(np.ceil(np.log(previous / max(point, 1e-300)) / np.log(1.01))))
+        for sub in np.geomspace(previous, point, n_sub + 1)[1:]:
+            target = sub + 1j * eta * max(sub, 1e-12)
+            best = None
+            for guess in (zeta, zeta + 0.1j * abs(zeta), zeta - 0.1j * abs(zeta)):
+                candidate, ok = newton(guess, target)
+                g = (1 + lam(candidate)[1]) / target
+                # physical: Im G(x + i y) = -y int rho / |x + i y - t|^2 <= -y |G|^2
+                if ok and g.imag <= -0.5 * target.imag * abs(g) ** 2:
+                    best = candidate
+                    break
+            zeta = best if best is not None else candidate
+        previous = point
+        z = lam(zeta)[1]
+        density[i] = max(-((1 + z) / (point + 1j * eta * max(point, 1e-12))).imag / np.pi, 0.0)
+    out = np.empty(x.size)
+    out[order] = density
+    return out.reshape(x.shape)
+
+
+def cdf_from_density(grid, density) -> np.ndarray:
+    """The distribution function on ``grid`` (ascending) of a law whose density on
+    ``[grid[0], grid[-1]]`` is ``density`` and whose mass above ``grid[-1]`` is negligible:
+    ``F(x) = 1 - int_x^top density`` (trapezoid rule). Mass below ``grid[0]`` (an atom at
+    0, or a density that diverges there) is thus kept at the bottom, not spread by
+    renormalizing."""
+    grid, density = np.asarray(grid, np.float64), np.asarray(density, np.float64)
+    pieces = 0.5 * (density[1:] + density[:-1]) * np.diff(grid)
+    above = np.concatenate([np.cumsum(pieces[::-1])[::-1], [0.0]])
+    return 1.0 - above
+
+
+def ks_distance(samples, grid, cdf) -> float:
+    """Kolmogorov-Smirnov distance between the empirical law of ``samples`` and a law given
+    by its distribution function ``cdf`` on ``grid`` (ascending, e.g. from
+    :func:`cdf_from_density`). Samples below ``grid[0]``, where ``cdf`` is not resolved,
+    enter only through the empirical fraction at ``grid[0]``."""
+    x = np.sort(np.asarray(samples, np.float64).ravel())
+    n = x.size
+    rank = np.arange(1, n + 1)
+    resolved = x >= grid[0]
+    f = np.interp(x[resolved], grid, cdf)
+    above = np.abs(f - rank[resolved] / n)
+    below = np.abs(f - (rank[resolved] - 1) / n)
+    at_bottom = abs(cdf[0] - np.count_nonzero(~resolved) / n)
+    return float(max(above.max(initial=0.0), below.max(initial=0.0), at_bottom))
