@@ -13,7 +13,6 @@ domain), which batch normalization prevents by re-spreading each neuron over the
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -48,9 +47,7 @@ def configs(config: dict) -> list[dict]:
 
 
 def compute(unit: dict) -> dict:
-    net = dataclasses.replace(
-        jl.architecture(unit["arch"], unit["depth"], unit["width"]), dtype=unit["dtype"]
-    )
+    net = jl.architecture(unit["arch"], unit["depth"], unit["width"], unit["dtype"])
     keys = jax.random.split(jax.random.PRNGKey(0), unit["seeds"])
     x = jax.random.normal(jax.random.PRNGKey(10_000), (unit["batch"], net.input_dim), net.dtype)
     stats = [jl.domain_statistics(net, net.init(k), x) for k in keys]

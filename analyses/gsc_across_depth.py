@@ -11,7 +11,6 @@ root of the rate per block, so that plain and residual rates compare per dense l
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -46,9 +45,7 @@ def configs(config: dict) -> list[dict]:
 
 
 def compute(unit: dict) -> dict:
-    net = dataclasses.replace(
-        jl.architecture(unit["arch"], unit["depth"], unit["width"]), dtype=unit["dtype"]
-    )
+    net = jl.architecture(unit["arch"], unit["depth"], unit["width"], unit["dtype"])
     keys = jax.random.split(jax.random.PRNGKey(0), unit["seeds"])
     x = jax.random.normal(jax.random.PRNGKey(10_000), (unit["batch"], net.input_dim), net.dtype)
     profiles = jl.gsc_over_seeds(net, keys, x).mean(axis=1)  # (seeds, L+1), mean over inputs

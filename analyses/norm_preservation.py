@@ -15,7 +15,6 @@ blocks (0 = every block norm preserving) and the mean of ``|log|| g_in || / || g
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -51,8 +50,7 @@ def _network(unit: dict) -> jl.Network:
     # ResNets of the zoo have depth // 2 two-layer blocks; a plain net of depth n + 1 has
     # n layers above its stem, one per residual block.
     depth = 2 * n if unit["arch"].startswith("resnet-") else n + 1
-    net = jl.architecture(unit["arch"], depth, unit["width"])
-    return dataclasses.replace(net, dtype=unit["dtype"])
+    return jl.architecture(unit["arch"], depth, unit["width"], unit["dtype"])
 
 
 def compute(unit: dict) -> dict:

@@ -14,7 +14,6 @@ summed over all paths of each length (the recursion P_k <- P_k + J^T P_{k-1}).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -45,8 +44,7 @@ def configs(config: dict) -> list[dict]:
 
 
 def compute(unit: dict) -> dict:
-    base = jl.architecture(unit["arch"], 2 * unit["blocks"], unit["width"])
-    net = dataclasses.replace(base, dtype=unit["dtype"])
+    net = jl.architecture(unit["arch"], 2 * unit["blocks"], unit["width"], unit["dtype"])
     x = jax.random.normal(jax.random.PRNGKey(1), (unit["batch"], net.input_dim), net.dtype)
     results = [
         jl.path_gradients(net, net.init(k), x, jax.random.fold_in(k, 3), unit["num_paths"])

@@ -15,7 +15,6 @@ of ``|z|``, ``z ~ N(0, 1)``, scaled).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -84,8 +83,7 @@ def _from_input(a) -> list[float]:
 
 
 def compute(unit: dict) -> dict:
-    base = jl.architecture(unit["arch"], 2 * unit["blocks"], unit["width"])
-    net = dataclasses.replace(base, dtype=unit["dtype"])
+    net = jl.architecture(unit["arch"], 2 * unit["blocks"], unit["width"], unit["dtype"])
     keys = jax.random.split(jax.random.PRNGKey(0), unit["seeds"])
     x = jax.random.normal(jax.random.PRNGKey(1), (unit["batch"], net.input_dim), net.dtype)
     d = jax.vmap(lambda k: jl.pythagorean_decomposition(net, net.init(k), x))(keys)

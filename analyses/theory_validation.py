@@ -22,7 +22,6 @@ relative deviation shrinks from the smallest to the largest width, and *disagree
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -181,9 +180,7 @@ def _q(unit: dict) -> dict:
 
 
 def _gsc(unit: dict) -> dict:
-    net = dataclasses.replace(
-        jl.architecture(unit["arch"], unit["depth"], unit["width"]), dtype=unit["dtype"]
-    )
+    net = jl.architecture(unit["arch"], unit["depth"], unit["width"], unit["dtype"])
     x = _inputs(unit, net.input_dim, net.dtype)
     g = np.asarray(jl.gsc_over_seeds(net, _seeds(unit), x).mean(axis=1), float)  # (seeds, L+1)
     rates = np.asarray(jl.growth_rate(g).rate, float)

@@ -32,6 +32,13 @@ WEIGHT_VARIANCE = {"gaussian": 1.0, "orthogonal": 0.0}
 ``W``: 1 for Gaussian (Marchenko-Pastur, ratio 1), 0 for orthogonal."""
 
 
+def _check(weights: str, depth: int) -> None:
+    if weights not in WEIGHT_VARIANCE:
+        raise ValueError(f"unknown weights {weights!r}; expected one of {tuple(WEIGHT_VARIANCE)}")
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+
+
 def marchenko_pastur_density(x, sigma_w: float = 1.0) -> np.ndarray:
     """Density of the eigenvalues of ``W W^T`` for a square ``W`` with ``N(0, sigma_w^2 /
     n)`` entries: ``sqrt(x (4 s - x)) / (2 pi s x)`` on ``(0, 4 s)``, ``s = sigma_w^2``."""
@@ -108,10 +115,7 @@ def jacobian_moments(
     Returns:
         ``(mean, variance)``, each of shape ``(depth,)``, entry ``D - 1`` for depth ``D``.
     """
-    if weights not in WEIGHT_VARIANCE:
-        raise ValueError(f"unknown weights {weights!r}; expected one of {tuple(WEIGHT_VARIANCE)}")
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
+    _check(weights, depth)
     q1 = sigma_w**2 + sigma_b**2 if q1 is None else q1
     q = length_sequence(activation, q1, sigma_w, sigma_b, depth)
     mu1, mu2 = derivative_moments(activation, q)
@@ -156,10 +160,7 @@ def jacobian_spectral_density(
         Density values at ``x``. Accuracy is limited near the edges of the support and near
         0, where the density may diverge; check it against :func:`jacobian_moments`.
     """
-    if weights not in WEIGHT_VARIANCE:
-        raise ValueError(f"unknown weights {weights!r}; expected one of {tuple(WEIGHT_VARIANCE)}")
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
+    _check(weights, depth)
     q = float(mean_field(activation, sigma_w, sigma_b).q_star) if q is None else float(q)
     t, w = (np.asarray(a, np.float64) for a in derivative_distribution(activation, q))
     keep = w > 1e-300

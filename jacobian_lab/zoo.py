@@ -24,13 +24,16 @@ ACTIVATION_SIGMA_W = {"relu": 2.0**0.5, "tanh": 1.0, "selu": 1.0}
 _NORM_PREFIX = {"none": "", "layer": "layer-", "batch": "batch-"}
 
 
-def paper_architectures(depth: int = 50, width: int = 100) -> dict[str, Network]:
+def paper_architectures(
+    depth: int = 50, width: int = 100, dtype: str = "float32"
+) -> dict[str, Network]:
     """Every architecture family of the GSC paper, keyed by name (see module docstring).
 
     Args:
         depth: number of dense layers (50 in the paper); ResNets get ``depth // 2`` blocks
             of two layers, so ``depth`` must be even for them to match.
         width: units per layer (100 in the paper); the input also has this width.
+        dtype: ``"float32"`` or ``"float64"``.
     """
     archs: dict[str, Network] = {}
     for residual in (False, True):
@@ -45,21 +48,29 @@ def paper_architectures(depth: int = 50, width: int = 100) -> dict[str, Network]
                         block_layers=2,
                         norm=norm,
                         sigma_w=sigma_w,
+                        dtype=dtype,
                         name=name,
                     )
                 else:
-                    archs[name] = mlp(depth, width, act, norm=norm, sigma_w=sigma_w, name=name)
+                    archs[name] = mlp(
+                        depth, width, act, norm=norm, sigma_w=sigma_w, dtype=dtype, name=name
+                    )
         if not residual:
             archs["looks-linear-relu"] = mlp(
-                depth, width, "relu", weight_init="looks_linear", name="looks-linear-relu"
+                depth,
+                width,
+                "relu",
+                weight_init="looks_linear",
+                dtype=dtype,
+                name="looks-linear-relu",
             )
     return archs
 
 
-def architecture(name: str, depth: int = 50, width: int = 100) -> Network:
+def architecture(name: str, depth: int = 50, width: int = 100, dtype: str = "float32") -> Network:
     """One architecture of :func:`paper_architectures` by name; ``ValueError`` lists the
     names when ``name`` is unknown."""
-    archs = paper_architectures(depth, width)
+    archs = paper_architectures(depth, width, dtype)
     if name not in archs:
         raise ValueError(f"unknown architecture {name!r}; expected one of: {', '.join(archs)}")
     return archs[name]
