@@ -172,7 +172,23 @@ def plot(data: dict, folder: Path, formats) -> list[Path]:
                 color=style["color"],
                 linestyle=(0, (1, 1)),
             )
-            ax2.semilogx(s["depths"], s["log_spread"], marker="o", ms=2.5, label=label, **style)
+            spread = np.array(s["var_sq"]) / np.array(s["mean_sq"]) ** 2
+            theory_spread = theory / np.array(s["theory_mean_sq"]) ** 2
+            ax2.loglog(
+                s["depths"],
+                np.where(spread < 1e-8, np.nan, spread),
+                marker="o",
+                ms=2.5,
+                label=label,
+                **style,
+            )
+            ax2.loglog(
+                s["depths"],
+                np.where(theory_spread < 1e-8, np.nan, theory_spread),
+                lw=0.6,
+                color=style["color"],
+                linestyle=(0, (1, 1)),
+            )
         ax.plot(
             [], [], color="0.4", lw=0.6, linestyle=(0, (1, 1)), label="free probability (theory)"
         )
@@ -181,8 +197,8 @@ def plot(data: dict, folder: Path, formats) -> list[Path]:
         ax.set_title("(a) second moment (scale-dependent)", fontsize=8)
         ax.legend(frameon=False, fontsize=5)
         ax2.set_xlabel("depth D (layers)")
-        ax2.set_ylabel("std of ln sigma")
-        ax2.set_title("(b) spread on a log scale (scale-free)", fontsize=8)
+        ax2.set_ylabel("var / mean^2 of sigma^2")
+        ax2.set_title("(b) normalized spread (scale-free)", fontsize=8)
         fig.tight_layout()
         paths += save_figure(fig, folder / "jacobian_spectra_variance", formats)
     return paths
@@ -191,6 +207,11 @@ def plot(data: dict, folder: Path, formats) -> list[Path]:
 def _row(data: dict, act: str, init: str, deepest: bool = True) -> dict | None:
     rows = [r for r in data["table"] if r["activation"] == act and r["init"] == init]
     return max(rows, key=lambda r: r["depth"]) if rows else None
+
+
+def _spread(row: dict) -> float:
+    """``var / mean^2`` of sigma^2: the scale-free width of the spectrum (0 = isometry)."""
+    return row["var_sq"] / row["mean_sq"] ** 2
 
 
 def verdicts(data: dict) -> list[Verdict]:
@@ -235,18 +256,18 @@ def verdicts(data: dict) -> list[Verdict]:
             Verdict(
                 "Dynamical isometry: critical tanh with orthogonal weights keeps a narrow "
                 "spectrum, Gaussian weights do not",
-                t_o["log_spread"] < 0.5 * t_g["log_spread"],
-                f"std of ln sigma at depth {t_o['depth']}: {t_o['log_spread']:.3g} orthogonal "
-                f"vs {t_g['log_spread']:.3g} Gaussian",
+                _spread(t_o) < 0.5 * _spread(t_g),
+                f"var/mean^2 of sigma^2 at depth {t_o['depth']}: {_spread(t_o):.3g} orthogonal "
+                f"vs {_spread(t_g):.3g} Gaussian",
             )
         )
     if r_o and t_o:
         out.append(
             Verdict(
                 "ReLU cannot reach dynamical isometry, even with orthogonal weights",
-                r_o["log_spread"] > 2 * t_o["log_spread"],
-                f"std of ln sigma at depth {r_o['depth']}: {r_o['log_spread']:.3g} orthogonal "
-                f"ReLU vs {t_o['log_spread']:.3g} orthogonal tanh",
+                _spread(r_o) > 2 * _spread(t_o),
+                f"var/mean^2 of sigma^2 at depth {r_o['depth']}: {_spread(r_o):.3g} orthogonal "
+                f"ReLU vs {_spread(t_o):.3g} orthogonal tanh",
             )
         )
     return out
