@@ -78,7 +78,7 @@ def summarize(config: dict, records: list[dict]) -> dict:
         }
         for rec in records
     ]
-    depth, width = max(config["depths"]), config["widths"][0]
+    depth, width = max(config["depths"]), max(config["widths"])
     profiles = {
         rec["config"]["arch"]: rec["result"]
         for rec in records

@@ -36,6 +36,13 @@ for _cfg in SIZES.values():
 
 
 def configs(config: dict) -> list[dict]:
+    if any(a.startswith("resnet-") for a in config["archs"]) and any(
+        d % 2 for d in config["depths"]
+    ):
+        raise ValueError(
+            f"gsc_across_depth needs even depths: a ResNet of depth D has D/2 two-layer "
+            f"blocks, got {config['depths']}"
+        )
     return [
         {"arch": a, "depth": d, "width": w, **{k: config[k] for k in ("seeds", "batch", "dtype")}}
         for d in config["depths"]
@@ -50,11 +57,13 @@ def compute(unit: dict) -> dict:
     x = jax.random.normal(jax.random.PRNGKey(10_000), (unit["batch"], net.input_dim), net.dtype)
     profiles = jl.gsc_over_seeds(net, keys, x).mean(axis=1)  # (seeds, L+1), mean over inputs
     per_unit = max(net.block_layers, 1)  # a ResNet's unit is a block of dense layers
+    # a ResNet's stem is one linear projection, not a block: fit its rate over the blocks
+    fitted = profiles[:, :-1] if net.residual else profiles
     return {
         "layers": net.num_layers,
         "dense_layers_per_unit": per_unit,
         "profiles": np.asarray(profiles, dtype=float).tolist(),
-        "rate": (np.asarray(jl.growth_rate(profiles).rate, dtype=float) ** (1 / per_unit)).tolist(),
+        "rate": (np.asarray(jl.growth_rate(fitted).rate, dtype=float) ** (1 / per_unit)).tolist(),
     }
 
 
@@ -80,7 +89,7 @@ def summarize(config: dict, records: list[dict]) -> dict:
                 "rate_std": float(np.std(r["rate"])),
             }
         )
-    depth, width = max(config["depths"]), config["widths"][0]
+    depth, width = max(config["depths"]), max(config["widths"])
     profiles = {
         rec["config"]["arch"]: rec["result"]["profiles"]
         for rec in records

@@ -204,7 +204,7 @@ def plot(data: dict, folder: Path, formats) -> list[Path]:
     return paths
 
 
-def _row(data: dict, act: str, init: str, deepest: bool = True) -> dict | None:
+def _row(data: dict, act: str, init: str) -> dict | None:
     rows = [r for r in data["table"] if r["activation"] == act and r["init"] == init]
     return max(rows, key=lambda r: r["depth"]) if rows else None
 

@@ -199,7 +199,8 @@ class MeanField(NamedTuple):
 
     Fields:
         q_star: fixed point of the length map (pre-activation variance per unit).
-        c_star: stable fixed point of the correlation map reached from ``c = 0``.
+        c_star: stable fixed point of the correlation map: 1 in the ordered phase and on
+            the critical line (``chi_1 <= 1``), below 1 in the chaotic phase.
         chi_1: ``sigma_w^2 E[phi'(sqrt(q*) z)^2]``.
         xi_q: depth scale of the length map (layers).
         xi_c: depth scale of the correlation map (layers; infinite on the critical line).
@@ -213,22 +214,28 @@ class MeanField(NamedTuple):
 
 
 @_float64
-def mean_field(activation: str, sigma_w, sigma_b, iterations: int = 2000) -> MeanField:
+def mean_field(activation: str, sigma_w, sigma_b, *, iterations: int = 2000) -> MeanField:
     """Fixed points, ``chi_1`` and depth scales for ``phi = activation`` at
-    ``(sigma_w, sigma_b)`` (broadcast together), by iterating the maps ``iterations`` times
-    from ``q = 1`` and ``c = 0``.
+    ``(sigma_w, sigma_b)`` (broadcast together).
+
+    ``q*`` comes from iterating the length map ``iterations`` times from ``q = 1``. The
+    slope of the correlation map at ``c = 1`` is ``chi_1``, so for ``chi_1 <= 1`` the
+    stable fixed point is ``c* = 1`` and ``xi_c = -1 / ln chi_1`` (infinite on the critical
+    line); for ``chi_1 > 1`` ``c*`` comes from iterating the correlation map from 0.
 
     Convergence is geometric except where a fixed point is marginal (e.g. ``sigma_b = 0``
-    with ``sigma_w^2 phi'(0)^2 = 1``, where ``q`` decays like ``1/l``): there the result is
-    only as close to the fixed point as ``iterations`` layers of a network get.
+    with ``sigma_w^2 phi'(0)^2 = 1``, where ``q`` decays like ``1/l``, or ``chi_1`` just
+    above 1): there the result is only as close to the fixed point as ``iterations`` layers
+    of a network get.
     """
     _, d1, d2 = _derivatives(activation)
     phi = get_activation(activation)
     q = _q_star(activation, sigma_w, sigma_b, iterations)
-    c = _c_star(activation, q, sigma_w, sigma_b, iterations)
     chi_1 = sigma_w**2 * _expect(lambda u: d1(u) ** 2, q, activation)
+    ordered = chi_1 <= 1 + 1e-12
+    c = jnp.where(ordered, 1.0, _c_star(activation, q, sigma_w, sigma_b, iterations))
     slope_q = chi_1 + sigma_w**2 * _expect(lambda u: d2(u) * phi(u), q, activation)
-    slope_c = sigma_w**2 * _expect2(d1, d1, q, c, activation)
+    slope_c = jnp.where(ordered, chi_1, sigma_w**2 * _expect2(d1, d1, q, c, activation))
     return MeanField(q, c, chi_1, _depth_scale(slope_q), _depth_scale(slope_c))
 
 
@@ -327,9 +334,12 @@ def gsc_profile(activation: str, sigma_w, sigma_b, depth: int, q1=None) -> np.nd
     value of the Jacobian from layer ``k`` to the output times the squared length ratio.
 
     Args:
-        q1: the first layer's pre-activation variance; default ``sigma_w^2 + sigma_b^2``.
+        sigma_w, sigma_b, q1: scalars; ``q1`` is the first layer's pre-activation variance,
+            default ``sigma_w^2 + sigma_b^2``.
     """
-    q1 = np.asarray(sigma_w) ** 2 + np.asarray(sigma_b) ** 2 if q1 is None else q1
+    if any(np.ndim(a) for a in (sigma_w, sigma_b, q1)):
+        raise ValueError("gsc_profile takes scalar sigma_w, sigma_b and q1")
+    q1 = sigma_w**2 + sigma_b**2 if q1 is None else q1
     q = length_sequence(activation, q1, sigma_w, sigma_b, depth)  # q_1 .. q_L
     chis = chi(activation, q, sigma_w)
     P = np.concatenate([[1.0], (length_map(activation, q, 1.0, 0.0))])  # P_0 .. P_L

@@ -73,10 +73,13 @@ def path_decomposition(
 
     Returns:
         ``(G, per_path)``: ``G`` of shape ``(n+1, d)`` with ``G[k]`` the gradient summed over
-        all paths of length ``k`` (so ``G.sum(0) = prod_l (I + J_l)^T v``), and
+        all paths of length ``k``, so ``G.sum(0) = (I + J_{n-1})^T ... (I + J_0)^T v`` (the
+        transpose of the whole stack's Jacobian applied to ``v``), and
         ``per_path`` of shape ``(n+1,)``, the mean norm of one sampled path's gradient.
     """
     n, d = branch_jacobians.shape[0], branch_jacobians.shape[-1]
+    if num_paths < 1:
+        raise ValueError(f"num_paths must be >= 1, got {num_paths}")
     if v.shape != (d,):
         raise ValueError(f"v must have shape ({d},) to match the Jacobians, got {v.shape}")
     G0 = jnp.zeros((n + 1, d), v.dtype).at[0].set(v)

@@ -157,10 +157,15 @@ def jacobian_spectral_density(
         q: pre-activation variance of every layer; default the fixed point ``q*``.
 
     Returns:
-        Density values at ``x``. Accuracy is limited near the edges of the support and near
-        0, where the density may diverge; check it against :func:`jacobian_moments`.
+        Density values at ``x``; NaN where Newton's method found no solution on the physical
+        branch (none in the tests here). Accuracy is limited near the edges of the support
+        and near 0, where the density may diverge; check it against
+        :func:`jacobian_moments`.
     """
     _check(weights, depth)
+    x = np.asarray(x, np.float64)
+    if x.size == 0 or not np.all(np.isfinite(x)) or np.any(x <= 0):
+        raise ValueError("jacobian_spectral_density takes finite points x > 0")
     q = float(mean_field(activation, sigma_w, sigma_b).q_star) if q is None else float(q)
     t, w = (np.asarray(a, np.float64) for a in derivative_distribution(activation, q))
     keep = w > 1e-300
@@ -175,7 +180,6 @@ def jacobian_spectral_density(
         s_w = 1 / (s2 * (1 + z)) if weights == "gaussian" else 1 / s2
         return (1 + z) / (z * (s_w * s_d) ** depth), z
 
-    x = np.asarray(x, np.float64)
     order = np.argsort(-x.ravel())
     points = x.ravel()[order]
     mean, var = jacobian_moments(activation, sigma_w, sigma_b, depth, weights, q1=q)
@@ -199,7 +203,7 @@ def jacobian_spectral_density(
     # guess pushed off the real axis.
     zeta = complex(mu1 * start / m1 + t.max())  # z = M_D(zeta) ~ mu1 / zeta ~ m1 / lambda
     density = np.empty(points.size)
-    previous = start
+    previous, lost = start, False
     for i, point in enumerate(points):
         n_sub = max(1, int(np.ceil(np.log(previous / max(point, 1e-300)) / np.log(1.01))))
         for sub in np.geomspace(previous, point, n_sub + 1)[1:]:
@@ -212,10 +216,12 @@ def jacobian_spectral_density(
                 if ok and g.imag <= -0.5 * target.imag * abs(g) ** 2:
                     best = candidate
                     break
-            zeta = best if best is not None else candidate
+            lost = best is None
+            zeta = candidate if lost else best
         previous = point
         z = lam(zeta)[1]
-        density[i] = max(-((1 + z) / (point + 1j * eta * max(point, 1e-12))).imag / np.pi, 0.0)
+        g = (1 + z) / (point + 1j * eta * point)
+        density[i] = np.nan if lost else max(-g.imag / np.pi, 0.0)
     out = np.empty(x.size)
     out[order] = density
     return out.reshape(x.shape)

@@ -266,7 +266,10 @@ def add_analysis_arguments(parser: argparse.ArgumentParser, default_out: str) ->
         "--depths",
         type=int,
         nargs="+",
-        help="depths to sweep (dense layers for plain networks, blocks for residual ones)",
+        help="depths to sweep: dense layers in gsc_across_depth, collapsing_domain and "
+        "jacobian_spectra (ResNets there get depth/2 two-layer blocks); residual blocks in "
+        "pythagorean, norm_preservation and path_lengths; spectrum depths in "
+        "theory_validation",
     )
     parser.add_argument("--widths", type=int, nargs="+", help="widths to sweep")
     parser.add_argument("--seeds", type=int, help="random initializations per configuration")

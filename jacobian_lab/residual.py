@@ -103,10 +103,12 @@ class BlockJacobianStats(NamedTuple):
     """Norm preservation of each block, per sample.
 
     Fields:
-        singular_values: ``(S, depth, d)``; singular values of the block Jacobian
+        singular_values: ``(S, U, d)`` with ``U = net.num_units`` (``depth`` blocks, or
+            ``depth - 1`` layers above the stem of a plain network); singular values of the
+            unit's Jacobian
             ``d f_l / d f_{l+1}`` (``I + alpha dr/df`` for ``block_order="pre"``),
             descending.
-        gradient_ratio: ``(S, depth)``; ``||g_{l+1}|| / ||g_l||`` where ``g_l`` is the
+        gradient_ratio: ``(S, U)``; ``||g_{l+1}|| / ||g_l||`` where ``g_l`` is the
             gradient with respect to ``f_l`` of the loss ``<v, f_0>`` for a random
             Gaussian direction ``v`` at the output: the factor by which the block scales the
             backpropagated gradient (1 = norm preserving).
@@ -162,7 +164,8 @@ class BlockGSC(NamedTuple):
 
     Fields:
         gsc: ``GSC(l+1, l) = qm(I + J_r) ||f|| / ||f + r||``, measured.
-        branch_gsc: ``qm(J_r) ||f|| / ||r||``, the GSC of the branch alone.
+        branch_gsc: ``qm(J_r) ||f|| / ||r||``, the GSC of the branch alone (NaN for a
+            branch that is exactly zero).
         branch_ratio: ``rho = ||r|| / ||f||``.
         predicted: ``sqrt((1 + branch_gsc^2 rho^2) / (1 + rho^2))``.
 
@@ -191,8 +194,8 @@ def _block_gsc(net: Network, params: Params, xs: jax.Array):
     qm_r = jnp.sqrt(jnp.sum(J_r**2, axis=(-2, -1)) / d)
     gsc_block = qm_block * n_in / jnp.linalg.norm(f_out, axis=-1)
     rho = n_r / n_in
-    branch = qm_r / rho
-    predicted = jnp.sqrt((1 + branch**2 * rho**2) / (1 + rho**2))
+    branch = jnp.where(rho > 0, qm_r / jnp.where(rho > 0, rho, 1.0), jnp.nan)
+    predicted = jnp.sqrt((1 + qm_r**2) / (1 + rho**2))  # qm_r = branch_gsc * rho
     return BlockGSC(gsc_block, branch, rho, predicted), layer_finite(lj)
 
 

@@ -64,6 +64,19 @@ def test_he_relu_is_critical_and_tanh_critical_line_has_chi_one():
     np.testing.assert_allclose(mf.mean_field("tanh", sw, sb).chi_1, 1.0, atol=1e-9)
 
 
+def test_ordered_and_critical_networks_have_correlation_fixed_point_one():
+    """chi_1 is the slope of the correlation map at c = 1: for chi_1 <= 1 the stable fixed
+    point is c* = 1 with xi_c = -1/ln chi_1 (infinite at chi_1 = 1); chaotic networks have
+    c* < 1."""
+    he = mf.mean_field("relu", np.sqrt(2), 0.0)
+    assert float(he.c_star) == 1.0 and np.isinf(he.xi_c)
+    ordered = mf.mean_field("tanh", 0.8, 0.3)
+    assert float(ordered.chi_1) < 1 and float(ordered.c_star) == 1.0
+    assert float(ordered.xi_c) == pytest.approx(-1 / np.log(float(ordered.chi_1)), rel=1e-12)
+    chaotic = mf.mean_field("tanh", 2.5, 0.1)
+    assert float(chaotic.chi_1) > 1 and float(chaotic.c_star) < 0.9
+
+
 def test_length_sequence_starts_at_q1_and_follows_the_map():
     q = mf.length_sequence("tanh", 1.0, 1.5, 0.1, 4)
     assert q.shape == (4,) and q[0] == 1.0

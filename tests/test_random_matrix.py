@@ -80,6 +80,8 @@ def test_bad_arguments():
         rm.jacobian_moments("relu", 1.0, 0.0, 3, "uniform")
     with pytest.raises(ValueError, match="depth must be >= 1"):
         rm.fuss_catalan_density(0, 1.0)
+    with pytest.raises(ValueError, match="points x > 0"):
+        rm.jacobian_spectral_density("tanh", 1.2, 0.1, 2, [0.0, 1.0])
 
 
 def test_free_probability_density_reduces_to_marchenko_pastur_and_fuss_catalan():

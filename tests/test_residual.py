@@ -118,6 +118,8 @@ def test_zero_branch_has_block_gsc_one(key):
     net = jl.resmlp(3, 8, "relu", residual_scale=0.0, dtype="float64")
     b = jl.block_gsc(net, net.init(key), _x(2, 8))
     np.testing.assert_allclose(b.gsc, 1.0, rtol=1e-14)
+    np.testing.assert_allclose(b.predicted, 1.0, rtol=1e-14)
+    assert np.all(np.isnan(b.branch_gsc))  # a branch of length 0 has no GSC
 
 
 def test_block_gsc_rejects_post_activation_blocks(key):
