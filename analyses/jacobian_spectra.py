@@ -63,11 +63,10 @@ def compute(unit: dict) -> dict:
         dtype=unit["dtype"],
     )
     x = jax.random.normal(jax.random.PRNGKey(1), (unit["batch"], width), net.dtype)
-    L = net.num_layers
-    svals = []
-    for k in jax.random.split(jax.random.PRNGKey(0), unit["seeds"]):  # seeds: one compile
-        P = jl.input_to_layer_jacobians(net, net.init(k), x)  # (S, L, d, d)
-        svals.append(np.asarray(jl.singular_values(P[:, [L - D for D in depths]]), float))
+    svals = [
+        np.asarray(jl.prefix_singular_values(net, net.init(k), x, depths), float)
+        for k in jax.random.split(jax.random.PRNGKey(0), unit["seeds"])  # seeds: one compile
+    ]
     # (seeds * S, depths, d); rank-deficient ReLU Jacobians give zeros: floor them so that
     # log-scale summaries stay finite (1e-30 is far below any plotted value)
     s = np.maximum(np.concatenate(svals, axis=0), 1e-30)

@@ -138,11 +138,9 @@ def _spectrum(unit: dict) -> dict:
         max(depths), width, act, weight_init=unit["init"], sigma_w=SIGMA_W[act], dtype=unit["dtype"]
     )
     x = _inputs(unit, width, net.dtype)
-    L = net.num_layers
     per_seed_mean, per_seed_var, lams = [], [], []
     for k in _seeds(unit):  # seeds in a loop: one compile
-        P = jl.input_to_layer_jacobians(net, net.init(k), x)
-        lam = np.asarray(jl.singular_values(P[:, [L - D for D in depths]]), float) ** 2
+        lam = np.asarray(jl.prefix_singular_values(net, net.init(k), x, depths), float) ** 2
         m = lam.mean(-1)  # (batch, depths)
         per_seed_mean.append(m.mean(0))
         per_seed_var.append((lam.var(-1) / m**2).mean(0))

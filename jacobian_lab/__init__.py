@@ -47,6 +47,7 @@ from jacobian_lab.residual import (
 )
 from jacobian_lab.spectra import (
     SpectrumSummary,
+    prefix_singular_values,
     singular_values,
     spectral_density,
     spectrum_summary,
@@ -95,6 +96,7 @@ __all__ = [
     "mlp",
     "paper_architectures",
     "path_gradients",
+    "prefix_singular_values",
     "pythagorean_decomposition",
     "qm_norm",
     "resmlp",

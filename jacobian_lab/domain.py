@@ -67,8 +67,8 @@ def sign_diversity(z: jax.Array) -> jax.Array:
 
 @partial(jax.jit, static_argnums=0)
 def _domain_statistics(net: Network, params: Params, x: jax.Array) -> DomainStats:
-    cos_layers = mean_pairwise_cosine(net.activations(params, x))
-    z = net.preactivations(params, x)
+    acts, z = net.activations_and_preactivations(params, x)  # one forward pass
+    cos_layers = mean_pairwise_cosine(acts)
     return DomainStats(
         jnp.concatenate([cos_layers, mean_pairwise_cosine(x)[None]]),
         sign_diversity(z),

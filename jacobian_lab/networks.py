@@ -177,6 +177,13 @@ class Network:
             output layer, ``[L-1]`` to the first layer). These are the "pre-activations"
             whose spread across inputs measures a collapsing domain.
         """
+        return self.activations_and_preactivations(params, x)[1]
+
+    def activations_and_preactivations(
+        self, params: Params, x: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """:meth:`activations` and :meth:`preactivations` of a plain network from one
+        forward pass: two arrays ``(L, B, width)``, GSC-paper indexing."""
         if self.residual:
             raise ValueError(
                 "preactivations is defined for plain networks; a residual network's stream "
@@ -187,10 +194,13 @@ class Network:
 
         def step(h, p):
             h, z = self._dense_with_preactivation(p, h)
-            return h, z
+            return h, (h, z)
 
-        _, zs = jax.lax.scan(step, h0, params["units"])
-        return jnp.concatenate([zs[::-1], z0[None]], axis=0)
+        _, (hs, zs) = jax.lax.scan(step, h0, params["units"])
+        return (
+            jnp.concatenate([hs[::-1], h0[None]], axis=0),
+            jnp.concatenate([zs[::-1], z0[None]], axis=0),
+        )
 
     def apply(self, params: Params, x: jax.Array) -> jax.Array:
         """Network output ``f_0`` for a batch ``x`` of shape ``(B, in_dim)``; ``(B, width)``."""

@@ -90,3 +90,27 @@ def spectral_density(
         bandwidth = 1.06 * jnp.std(values) * n ** (-0.2)
     z = (grid[:, None] - values[None, :]) / bandwidth
     return jnp.mean(jnp.exp(-0.5 * z**2), axis=1) / (bandwidth * jnp.sqrt(2 * jnp.pi))
+
+
+def prefix_singular_values(net, params, x: jax.Array, depths) -> jax.Array:
+    """Singular values of the input-output Jacobian of the first ``D`` layers of ``net``
+    (the prefix network of depth ``D``), for each ``D`` in ``depths``, from one pass.
+
+    Args:
+        net, params: a network and its parameters (prefixes of ``net.num_layers`` layers
+            at most).
+        x: inputs ``(B, in_dim)`` (batch norm: one batch, or ``(S, B, in_dim)``).
+        depths: prefix depths, each in ``1 .. net.num_layers``.
+
+    Returns:
+        ``(S, len(depths), min(d, d_in))``, descending: the singular values of
+        ``d f_{L-D} / d x`` (GSC-paper indexing) for sample ``s`` and depth ``depths[j]``.
+    """
+    from jacobian_lab.layered import input_to_layer_jacobians
+
+    L = net.num_layers
+    depths = [int(D) for D in depths]
+    if not depths or min(depths) < 1 or max(depths) > L:
+        raise ValueError(f"depths must lie in 1..{L} (the network's layers), got {depths}")
+    P = input_to_layer_jacobians(net, params, x)  # (S, L, d, d_in); [s, l] = d f_l / d x
+    return singular_values(P[:, [L - D for D in depths]])

@@ -60,3 +60,12 @@ def test_domain_statistics_bad_input(key):
     net = jl.mlp(2, 4, "relu")
     with pytest.raises(ValueError, match="at least 2 inputs"):
         jl.domain_statistics(net, net.init(key), jnp.ones((1, 4)))
+
+
+def test_one_pass_gives_the_activations_of_the_forward_pass(key):
+    net = jl.mlp(4, 5, "selu", norm="layer", dtype="float64")
+    params = net.init(key)
+    x = jax.random.normal(key, (3, 5), jnp.float64)
+    acts, pre = net.activations_and_preactivations(params, x)
+    np.testing.assert_allclose(acts, net.activations(params, x), rtol=1e-13)
+    np.testing.assert_allclose(pre, net.preactivations(params, x), rtol=1e-13)

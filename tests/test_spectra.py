@@ -49,3 +49,26 @@ def test_orthogonal_linear_network_spectrum_is_a_point_mass(key):
     summary = jl.spectrum_summary(s)
     np.testing.assert_allclose(summary.condition_number, 1.0, rtol=1e-12)
     np.testing.assert_allclose(summary.var_sq, 0.0, atol=1e-12)
+
+
+def test_prefix_singular_values_are_those_of_the_prefix_networks(key):
+    """The prefix of depth D of an MLP is the MLP of depth D with the same first layers.
+    SVD errors are absolute, about eps * sigma_max (sigma_max ~ 1 here): atol 1e-13."""
+    net = jl.mlp(5, 6, "tanh", dtype="float64")
+    params = net.init(key)
+    x = jax.random.normal(key, (2, 6), jnp.float64)
+    s = jl.prefix_singular_values(net, params, x, [1, 3, 5])
+    assert s.shape == (2, 3, 6)
+    np.testing.assert_allclose(
+        s[:, 2], jl.singular_values(jl.input_output_jacobian(net, params, x)), atol=1e-13
+    )
+    short = jl.mlp(3, 6, "tanh", dtype="float64")
+    short_params = {
+        "stem": params["stem"],
+        "units": jax.tree_util.tree_map(lambda a: a[:2], params["units"]),
+    }
+    np.testing.assert_allclose(
+        s[:, 1], jl.singular_values(jl.input_output_jacobian(short, short_params, x)), atol=1e-13
+    )
+    with pytest.raises(ValueError, match="depths must lie in 1..5"):
+        jl.prefix_singular_values(net, params, x, [0, 6])
