@@ -68,9 +68,11 @@ def sign_diversity(z: jax.Array) -> jax.Array:
 @partial(jax.jit, static_argnums=0)
 def _domain_statistics(net: Network, params: Params, x: jax.Array) -> DomainStats:
     acts, z = net.activations_and_preactivations(params, x)  # one forward pass
+    # images (conv nets): every pixel-channel is a unit
+    acts, z = (a.reshape(*a.shape[:2], -1) for a in (acts, z))
     cos_layers = mean_pairwise_cosine(acts)
     return DomainStats(
-        jnp.concatenate([cos_layers, mean_pairwise_cosine(x)[None]]),
+        jnp.concatenate([cos_layers, mean_pairwise_cosine(x.reshape(x.shape[0], -1))[None]]),
         sign_diversity(z),
         jnp.mean(jnp.std(z, axis=-2), axis=-1),
     )
@@ -86,8 +88,11 @@ def domain_statistics(net: Network, params: Params, x: jax.Array) -> DomainStats
     Returns:
         :class:`DomainStats` (shapes there).
     """
-    if net.residual:
-        raise ValueError("domain_statistics takes a plain network (jacobian_lab.mlp)")
+    if not isinstance(net, Network) or net.residual:
+        raise ValueError(
+            "domain_statistics takes a plain network (jacobian_lab.mlp): it needs each "
+            "layer's pre-activations"
+        )
     net.check_input(x)
     if x.shape[0] < 2:
         raise ValueError("domain_statistics needs a batch of at least 2 inputs")

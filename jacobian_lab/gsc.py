@@ -20,20 +20,27 @@ The GSC is a per-input quantity; the functions here return it per sample (see
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
+from jacobian_lab.chain import Chain, chain_pass
+from jacobian_lab.chain import forward as chain_forward
 from jacobian_lab.layered import (
     _accumulate,
     _layer_jacobians,
+    chain_finite,
     check_layers_finite,
     layer_finite,
     samples,
 )
+from jacobian_lab.matrix_free import Estimate, choose_method
 from jacobian_lab.networks import Network, Params
+from jacobian_lab.sharding import map_over_devices
 
 
 def qm_norm(A: jax.Array) -> jax.Array:
@@ -89,23 +96,180 @@ def _gsc_to_output(net: Network, params: Params, xs: jax.Array):
     return jnp.sqrt(qm_sq) * lengths / lengths[:, :1], layer_finite(lj)
 
 
-def gsc(net: Network, params: Params, x: jax.Array) -> jax.Array:
+def gsc(
+    net: Network | Chain,
+    params: Params,
+    x: jax.Array,
+    *,
+    method: str = "auto",
+    key: jax.Array | None = None,
+    num_probes: int = 64,
+    memory_budget: int | None = None,
+) -> jax.Array:
     """GSC from every layer to the output, per sample.
 
     Args:
-        net, params: the network and its parameters.
-        x: inputs ``(B, in_dim)`` (batch-norm networks: one batch, or ``(S, B, in_dim)``).
+        net, params: the network and its parameters, or a :class:`~jacobian_lab.Chain`
+            and its params (layers of any sizes).
+        x: inputs ``(B, in_dim)`` (batch-norm networks: one batch, or ``(S, B, in_dim)``;
+            a chain: a pytree with a leading sample axis).
+        method: ``"dense"`` (exact, from every layer's Jacobian), ``"matrix_free"``
+            (:func:`gsc_estimate`, its point estimate), or ``"auto"``: dense when the
+            per-layer Jacobians of all samples fit ``memory_budget`` bytes (default
+            :data:`jacobian_lab.matrix_free.DEFAULT_MEMORY_BUDGET`, 1 GiB).
+        key, num_probes: for the matrix-free method (default key ``PRNGKey(0)``); use
+            :func:`gsc_estimate` for the standard errors.
 
     Returns:
         ``(S, L+1)`` array ``g`` with ``g[s, k] = GSC(k, 0)`` at sample ``s``, for
         ``k = 0`` (the output; always 1) up to ``k = L`` (the input), in the GSC paper's
         indexing. ``S = B`` for per-example networks, the number of batches for batch norm.
 
-    Cost: one forward pass with per-layer Jacobians plus ``L`` matrix products per sample.
+    Cost (dense): one forward pass with per-layer Jacobians plus ``L`` matrix products per
+    sample, memory ``S * L * d^2`` numbers. Matrix-free: ``num_probes`` backward passes.
     """
-    g, ok = _gsc_to_output(net, params, samples(net, x))
-    check_layers_finite(ok)
+    xs = samples(net, x)
+    if choose_method(method, _dense_gsc_bytes(net, params, xs), memory_budget) != "dense":
+        key = jax.random.PRNGKey(0) if key is None else key
+        return gsc_estimate(net, params, x, key, num_probes).value
+    impl = _chain_gsc_to_output if isinstance(net, Chain) else _gsc_to_output
+    g, ok = impl(net, params, xs)
+    check_layers_finite(ok, net)
     return g
+
+
+def _layer_sizes(net: Network | Chain, params: Params, xs) -> list[int]:
+    """Flat size of each layer output of one sample, from ``f_{L-1}`` (first layer) to
+    ``f_0``, then the input ``f_L``."""
+    one = jax.tree_util.tree_map(lambda v: v[0], xs)
+    if isinstance(net, Chain):
+        outs = jax.eval_shape(lambda v: _tapped_forward(net, params, v, None)[1], one)
+        sizes = [sum(int(a.size) for a in jax.tree_util.tree_leaves(o)) for o in outs]
+    else:
+        sizes = [int(jax.eval_shape(lambda v: net.stem(params, v), one).size)] * net.num_layers
+    return [*sizes, sum(int(a.size) for a in jax.tree_util.tree_leaves(one))]
+
+
+def _dense_gsc_bytes(net: Network | Chain, params: Params, xs) -> int:
+    """Memory of the dense GSC: every layer's Jacobian and its running product, all samples."""
+    sizes = _layer_sizes(net, params, xs)
+    S = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    itemsize = jnp.dtype(jax.tree_util.tree_leaves(xs)[0].dtype).itemsize
+    pairs = sum(a * b for a, b in zip(sizes[:-1], [*sizes[:-2], sizes[-1]], strict=True))
+    return 2 * S * itemsize * (pairs + sizes[-2] ** 2)
+
+
+def _tapped_forward(net: Network | Chain, params: Params, x, eps):
+    """Forward pass of one sample with ``eps[i]`` added to layer ``i``'s output (forward
+    order; ``eps=None`` adds nothing). Returns the output and every layer's output in
+    forward order, so ``d f_0 / d eps_i = d f_0 / d f_{L-1-i}``."""
+    if isinstance(net, Chain):
+        return chain_forward(net, params, x, eps)
+    h0 = net.stem(params, x)
+    if eps is not None:
+        h0 = h0 + eps[0]
+    units_eps = jnp.zeros((net.num_units, *h0.shape), h0.dtype) if eps is None else eps[1]
+
+    def step(h, inp):
+        p, e = inp
+        h = net.unit(p, h) + e
+        return h, h
+
+    h, hs = jax.lax.scan(step, h0, (params["units"], units_eps))
+    return h, (h0, hs)
+
+
+def _zeros_like_outputs(net, params, x):
+    outs = jax.eval_shape(lambda v: _tapped_forward(net, params, v, None)[1], x)
+    return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), outs)
+
+
+def _flat_sq_norms(outs, net) -> jax.Array:
+    """Squared norm of each layer's value in forward order: ``(L,)``."""
+    if isinstance(net, Chain):
+        return jnp.stack([jnp.sum(ravel_pytree(o)[0] ** 2) for o in outs])
+    h0, hs = outs
+    return jnp.concatenate([jnp.sum(h0**2)[None], jnp.sum(hs**2, axis=tuple(range(1, hs.ndim)))])
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _gsc_estimate(net, params, xs, keys, num_probes: int):
+    def one(x, key):
+        eps0 = _zeros_like_outputs(net, params, x)
+        (out, outs), vjp = jax.vjp(lambda v, e: _tapped_forward(net, params, v, e), x, eps0)
+        probes = jax.random.rademacher(key, (num_probes, *out.shape), out.dtype)
+        zero_outs = jax.tree_util.tree_map(jnp.zeros_like, outs)
+        g_x, g_eps = jax.vmap(lambda u: vjp((u, zero_outs)))(probes)
+        # ||J_k^0 ^T u||^2 per probe and layer, forward order, then the input
+        sq = jax.vmap(lambda g: _flat_sq_norms(g, net))(g_eps)
+        sq_in = jax.vmap(lambda g: jnp.sum(ravel_pytree(g)[0] ** 2))(g_x)
+        sq = jnp.concatenate([sq[:, ::-1], sq_in[:, None]], axis=1)  # GSC order (P, L+1)
+        lengths = jnp.sqrt(
+            jnp.concatenate(
+                [_flat_sq_norms(outs, net)[::-1], jnp.sum(ravel_pytree(x)[0] ** 2)[None]]
+            )
+        )
+        return sq.mean(0), sq.std(0) / jnp.sqrt(num_probes), lengths
+
+    xs_keys = jax.random.split(keys, jax.tree_util.tree_leaves(xs)[0].shape[0])
+    return jax.vmap(one)(xs, xs_keys)
+
+
+def gsc_estimate(
+    net: Network | Chain, params: Params, x: jax.Array, key: jax.Array, num_probes: int = 64
+) -> Estimate:
+    """Matrix-free GSC from every layer to the output, with standard errors.
+
+    Hutchinson's estimator on the transposed Jacobians, all layers from one backward
+    pass per probe: for a Rademacher ``u`` at the output, a backward pass gives
+    ``J_k^0^T u`` at every layer ``k`` at once, and ``E ||J_k^0^T u||^2 = ||J_k^0||_F^2``.
+    So ``num_probes`` backward passes estimate every ``||J_k^0||_qm^2``; then
+    ``GSC(k, 0) = ||J_k^0||_qm ||f_k|| / ||f_0||``. (matfree's estimators take one operator
+    at a time; here one probe serves all ``L`` operators, which is ``L`` times cheaper.)
+
+    Args:
+        net, params, x: as in :func:`gsc` (a network or a chain).
+        key: PRNG key for the probes (each sample gets its own).
+        num_probes: backward passes per sample.
+
+    Returns:
+        :class:`~jacobian_lab.matrix_free.Estimate` with fields ``(S, L+1)``: the GSC and its
+        standard error (delta method from the probes' spread: ``se(GSC) = GSC se(Q) /
+        (2 Q)`` with ``Q`` the squared Frobenius norm). ``GSC(0, 0) = 1`` with error 0.
+        Memory: ``num_probes`` copies of every layer's output per sample, never a
+        Jacobian.
+    """
+    xs = samples(net, x)
+    sq, sq_se, lengths = _gsc_estimate(net, params, xs, key, num_probes)
+    sizes = _layer_sizes(net, params, xs)
+    sizes = jnp.array([*sizes[:-1][::-1], sizes[-1]], sq.dtype)  # GSC order
+    ok = jnp.all(jnp.isfinite(sq), axis=0) & jnp.all(jnp.isfinite(lengths), axis=0)
+    check_layers_finite(ok[:-1], net)
+    value = jnp.sqrt(sq / sizes) * lengths / lengths[:, :1]
+    error = value * sq_se / (2 * sq)
+    return Estimate(value, error)
+
+
+def _chain_lengths(cp) -> jax.Array:
+    """||f_l|| for l = 0..L of a chain: ``(S, L+1)``."""
+    flat = [*cp.outputs[::-1], cp.inputs]
+    return jnp.stack([jnp.linalg.norm(f, axis=-1) for f in flat], axis=1)
+
+
+@partial(jax.jit, static_argnums=0)
+def _chain_gsc_to_output(chain: Chain, params, xs):
+    # A Python loop over layers: a chain's layers may differ in size, so they can't be
+    # scanned.
+    cp = chain_pass(chain, params, xs)
+    Ds = cp.units[::-1]  # Ds[l] = d f_l / d f_{l+1}
+    S, d0 = Ds[0].shape[:2]
+    G = None
+    qm_sq = [jnp.ones((S,), Ds[0].dtype)]
+    for D in Ds:
+        G = D if G is None else jnp.einsum("sij,sjk->sik", G, D)
+        qm_sq.append(jnp.sum(G**2, axis=(1, 2)) / D.shape[2])
+    lengths = _chain_lengths(cp)
+    return jnp.sqrt(jnp.stack(qm_sq, axis=1)) * lengths / lengths[:, :1], chain_finite(cp)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -129,7 +293,7 @@ def _gsc_matrix(net: Network, params: Params, xs: jax.Array):
     return jnp.swapaxes(g, 1, 2), layer_finite(lj)
 
 
-def gsc_matrix(net: Network, params: Params, x: jax.Array) -> jax.Array:
+def gsc_matrix(net: Network | Chain, params: Params, x: jax.Array) -> jax.Array:
     """GSC(k, l) for every pair of layers, per sample, from one pass.
 
     Row ``k`` is the layer perturbed, column ``l`` the layer observed. Column ``l`` is the
@@ -143,9 +307,32 @@ def gsc_matrix(net: Network, params: Params, x: jax.Array) -> jax.Array:
 
     Cost: ``O(L^2 d^3)`` per sample and ``O(L d^2)`` memory (only norms are kept).
     """
-    g, ok = _gsc_matrix(net, params, samples(net, x))
-    check_layers_finite(ok)
+    impl = _chain_gsc_matrix if isinstance(net, Chain) else _gsc_matrix
+    g, ok = impl(net, params, samples(net, x))
+    check_layers_finite(ok, net)
     return g
+
+
+@partial(jax.jit, static_argnums=0)
+def _chain_gsc_matrix(chain: Chain, params, xs):
+    cp = chain_pass(chain, params, xs)
+    Ds = cp.units[::-1]  # Ds[l] = d f_l / d f_{l+1}
+    L = len(Ds)
+    S = Ds[0].shape[0]
+    nan = jnp.full((S,), jnp.nan, Ds[0].dtype)
+    one = jnp.ones((S,), Ds[0].dtype)
+    rows = []  # rows[l][k] = ||J_k^l||_qm^2
+    for l in range(L + 1):
+        row, P = [nan] * l + [one], None
+        for k in range(l + 1, L + 1):
+            D = Ds[k - 1]
+            P = D if P is None else jnp.einsum("sij,sjk->sik", P, D)
+            row.append(jnp.sum(P**2, axis=(1, 2)) / D.shape[2])
+        rows.append(jnp.stack(row, axis=1))
+    qm_sq = jnp.stack(rows, axis=1)  # (S, l, k)
+    lengths = _chain_lengths(cp)
+    g = jnp.sqrt(qm_sq) * lengths[:, None, :] / lengths[:, :, None]
+    return jnp.swapaxes(g, 1, 2), chain_finite(cp)
 
 
 class GrowthRate(NamedTuple):
@@ -180,21 +367,32 @@ def growth_rate(g: jax.Array) -> GrowthRate:
     return GrowthRate(jnp.exp(slope), jnp.exp(intercept), g[..., -1] ** (1.0 / L))
 
 
-def gsc_over_seeds(net: Network, keys: jax.Array, x: jax.Array) -> jax.Array:
+def gsc_over_seeds(
+    net: Network, keys: jax.Array, x: jax.Array, *, devices: Sequence[jax.Device] | None = None
+) -> jax.Array:
     """:func:`gsc` for one network initialized with each of several PRNG keys.
 
     Args:
         net: the network description.
         keys: ``(n_seeds, ...)`` PRNG keys, e.g. ``jax.random.split(key, n_seeds)``.
         x: inputs, shared by every seed (as in :func:`gsc`).
+        devices: devices the seeds are sharded over (default: all local devices; see
+            :func:`jacobian_lab.sharding.map_over_devices`).
 
     Returns:
         ``(n_seeds, S, L+1)``; ``[i, s, k] = GSC(k, 0)`` of seed ``i`` at sample ``s``.
-        Seeds run in parallel under ``vmap``; a non-finite result is re-run alone to name
-        the layer that went non-finite.
+        Seeds run in parallel under ``vmap``, split over the devices; a non-finite result
+        is re-run alone to name the layer that went non-finite.
     """
+    if not isinstance(net, Network):
+        raise TypeError(
+            "gsc_over_seeds draws each seed's parameters with net.init and needs a "
+            "jacobian_lab Network; for a chain, call gsc once per set of params"
+        )
     xs = samples(net, x)
-    g, _ = jax.vmap(lambda key: _gsc_to_output(net, net.init(key), xs))(keys)
+    g = map_over_devices(
+        lambda key: _gsc_to_output(net, net.init(key), xs)[0], keys, devices=devices
+    )
     bad = ~jnp.all(jnp.isfinite(g), axis=(1, 2))
     if bool(jnp.any(bad)):
         i = int(jnp.argmax(bad))

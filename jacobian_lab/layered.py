@@ -24,8 +24,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from jacobian_lab._checks import is_traced
+from jacobian_lab.chain import Chain, chain_pass, check_no_leaked_tracers
 from jacobian_lab.networks import Network, Params
 
 
@@ -46,20 +48,41 @@ class LayerJacobians(NamedTuple):
     inputs: jax.Array
 
 
-def samples(net: Network, x: jax.Array) -> jax.Array:
+def samples(net: Network | Chain, x: jax.Array) -> jax.Array:
     """Split ``x`` into the samples the Jacobians are taken over: ``(S, b, in_dim)`` with
-    ``b = 1`` for per-example networks and ``b = B`` for batch-coupled ones."""
+    ``b = 1`` for per-example networks and ``b = B`` for batch-coupled ones. For a
+    :class:`~jacobian_lab.chain.Chain`, ``x`` is returned after checking that every leaf
+    has the same leading (sample) axis."""
+    if isinstance(net, Chain):
+        return _chain_samples(net, x)
     if net.batch_coupled:
-        xs = x[None] if x.ndim == 2 else x
-        if xs.ndim != 3:
+        xs = x[None] if x.ndim == net.example_ndim + 1 else x
+        if xs.ndim != net.example_ndim + 2:
             raise ValueError(
-                f"a batch-norm network takes x of shape (B, {net.input_dim}) or "
-                f"(S, B, {net.input_dim}), got {tuple(x.shape)}"
+                "a batch-norm network takes one batch (B, *example_shape) or S batches "
+                f"(S, B, *example_shape), got {tuple(x.shape)}"
             )
         net.check_input(xs[0])
         return xs
     net.check_input(x)
-    return x[:, None, :]
+    return x[:, None]
+
+
+def _chain_samples(chain: Chain, x):
+    leaves = jax.tree_util.tree_leaves(x)
+    if not leaves or any(jnp.ndim(v) == 0 for v in leaves):
+        raise ValueError(
+            "a chain takes x as a pytree of arrays with a leading sample axis "
+            "(shape (S, *sample_shape)); for one sample use jax.tree.map(lambda v: v[None], x)"
+        )
+    if not any(is_traced(v) for v in leaves):
+        check_no_leaked_tracers(chain)
+    sizes = {int(jnp.shape(v)[0]) for v in leaves}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"every leaf of x needs the same leading sample axis; got sizes {sorted(sizes)}"
+        )
+    return x
 
 
 def _flat_jacobian(fn, h: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -88,8 +111,34 @@ def _sample_jacobians(net: Network, params: Params, xs: jax.Array):
 
 
 @partial(jax.jit, static_argnums=0)
-def _layer_jacobians(net: Network, params: Params, xs: jax.Array) -> LayerJacobians:
+def _layer_jacobians(net: Network | Chain, params: Params, xs: jax.Array) -> LayerJacobians:
+    if isinstance(net, Chain):
+        return _stack_chain(net, chain_pass(net, params, xs))
     return LayerJacobians(*jax.vmap(lambda s: _sample_jacobians(net, params, s))(xs))
+
+
+def _stack_chain(chain: Chain, cp) -> LayerJacobians:
+    """A chain's pass as :class:`LayerJacobians`: needs every layer above the first to
+    keep one size (square Jacobians of one side), as the stacked layout does."""
+    sizes = [u.shape[1:] for u in cp.units]
+    d = sizes[0][0]
+    if any(sz != (d, d) for sz in sizes[1:]):
+        listing = ", ".join(
+            f"{n}: {sz[1]} -> {sz[0]}" for n, sz in zip(chain.names, sizes, strict=True)
+        )
+        raise ValueError(
+            "this function stacks the layers' Jacobians and needs every layer after the "
+            f"first to map size {d} to size {d}; this chain's layers are ({listing}). "
+            "gsc, gsc_matrix, input_output_jacobian and the block diagnostics take any "
+            "sizes; for other Jacobians split the chain where the size changes."
+        )
+    units = (
+        jnp.stack(cp.units[1:][::-1], axis=1)
+        if len(cp.units) > 1
+        else (jnp.zeros((cp.inputs.shape[0], 0, d, d), cp.inputs.dtype))
+    )
+    outputs = jnp.stack(cp.outputs[::-1], axis=1)
+    return LayerJacobians(units, cp.units[0], outputs, cp.inputs)
 
 
 def layer_jacobians(net: Network, params: Params, x: jax.Array) -> LayerJacobians:
@@ -105,7 +154,7 @@ def layer_jacobians(net: Network, params: Params, x: jax.Array) -> LayerJacobian
         first layer (from the input) whose output or Jacobian is not finite.
     """
     lj = _layer_jacobians(net, params, samples(net, x))
-    check_layers_finite(layer_finite(lj))
+    check_layers_finite(layer_finite(lj), net)
     return lj
 
 
@@ -120,7 +169,17 @@ def layer_finite(lj: LayerJacobians) -> jax.Array:
     return jnp.concatenate([units_ok, stem_ok[None]])
 
 
-def check_layers_finite(ok: jax.Array) -> None:
+def chain_finite(cp) -> jax.Array:
+    """:func:`layer_finite` for a chain's :class:`~jacobian_lab.chain.ChainPass`: ``(L,)``
+    booleans in GSC-paper indexing."""
+    ok = [
+        jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(o))
+        for u, o in zip(cp.units, cp.outputs, strict=True)
+    ]
+    return jnp.stack(ok[::-1])
+
+
+def check_layers_finite(ok: jax.Array, net: Network | Chain | None = None) -> None:
     """Raise ``FloatingPointError`` unless every entry of ``ok`` (from :func:`layer_finite`)
     holds, naming the first bad layer counted from the input (outside ``jit`` only)."""
     if is_traced(ok):
@@ -130,11 +189,13 @@ def check_layers_finite(ok: jax.Array) -> None:
         return
     L = ok.shape[0]
     first = int(np.flatnonzero(~ok)[-1])  # the largest index is the closest to the input
+    which = f"dense layer/block {L - first} counted from the input"
+    if isinstance(net, Chain):
+        which = f"layer {L - 1 - first} ({net.names[L - 1 - first]!r}) of the chain"
     raise FloatingPointError(
         f"the network went non-finite first at layer f_{first} (GSC-paper indexing, f_0 = "
-        f"output, f_{L} = input; that is dense layer/block {L - first} counted from the "
-        "input): its output or Jacobian holds inf or NaN. Try float64, a smaller depth "
-        "or a smaller weight scale."
+        f"output, f_{L} = input; that is {which}): its output or Jacobian holds inf or "
+        "NaN. Try float64, a smaller depth or a smaller weight scale."
     )
 
 
@@ -192,7 +253,7 @@ def layer_to_layer_jacobians(net: Network, params: Params, x: jax.Array) -> Pair
     which keeps only the norms. Shapes and indexing: :class:`PairJacobians`.
     """
     pj, ok = _pair_jacobians(net, params, samples(net, x))
-    check_layers_finite(ok)
+    check_layers_finite(ok, net)
     return pj
 
 
@@ -224,26 +285,33 @@ def input_to_layer_jacobians(net: Network, params: Params, x: jax.Array) -> jax.
         :func:`input_output_jacobian`.
     """
     P, ok = _input_to_layer_jacobians(net, params, samples(net, x))
-    check_layers_finite(ok)
+    check_layers_finite(ok, net)
     return P
 
 
-def input_output_jacobian(net: Network, params: Params, x: jax.Array) -> jax.Array:
-    """The Jacobian d f_0 / d x of the whole network, per sample: ``(S, d, d_in)``.
+def input_output_jacobian(net: Network | Chain, params: Params, x: jax.Array) -> jax.Array:
+    """The Jacobian d f_0 / d x of the whole network, per sample: ``(S, d, d_in)``
+    (for a :class:`~jacobian_lab.chain.Chain`: ``(S, size f_0, size x)``, any sizes).
 
     Computed with forward mode through the scan (``jax.jacfwd``), checked finite.
     """
     xs = samples(net, x)
     J = _input_output_jacobian(net, params, xs)
     if not is_traced(J) and not bool(jnp.all(jnp.isfinite(J))):
-        layer_jacobians(net, params, x)  # names the layer
+        if isinstance(net, Chain):
+            check_layers_finite(chain_finite(chain_pass(net, params, xs)), net)
+        else:
+            layer_jacobians(net, params, x)  # names the layer
         raise FloatingPointError("the input-output Jacobian holds inf or NaN")
     return J
 
 
 @partial(jax.jit, static_argnums=0)
-def _input_output_jacobian(net: Network, params: Params, xs: jax.Array) -> jax.Array:
+def _input_output_jacobian(net: Network | Chain, params: Params, xs: jax.Array) -> jax.Array:
     def one(s):
+        if isinstance(net, Chain):
+            flat, unravel = ravel_pytree(s)
+            return _flat_jacobian(lambda v: ravel_pytree(net.apply(params, unravel(v)))[0], flat)[0]
         return _flat_jacobian(lambda v: net.apply(params, v), s)[0]
 
     return jax.vmap(one)(xs)

@@ -96,6 +96,11 @@ class Network:
         return self.num_units + 1
 
     @property
+    def example_ndim(self) -> int:
+        """Axes of one example (a feature vector: 1)."""
+        return 1
+
+    @property
     def batch_coupled(self) -> bool:
         """True for batch norm: outputs depend on the whole batch."""
         return self.norm == "batch"
@@ -113,10 +118,10 @@ class Network:
             )
         k_stem, k_units = jax.random.split(key)
         n, d = self.width, self.input_dim
-        stem = _dense_params(k_stem, self.weight_init, d, n, self, paired_input=False)
+        stem = self._layer_params(k_stem, d, n, paired_input=False)
         per_unit = self.block_layers if self.residual else 1
         keys = jax.random.split(k_units, self.num_units * per_unit)
-        units = jax.vmap(lambda k: _dense_params(k, self.weight_init, n, n, self, True))(keys)
+        units = jax.vmap(lambda k: self._layer_params(k, n, n, True))(keys)
         if self.residual:
             units = jax.tree_util.tree_map(
                 lambda a: a.reshape(self.num_units, per_unit, *a.shape[1:]), units
@@ -127,7 +132,7 @@ class Network:
     def stem(self, params: Params, x: jax.Array) -> jax.Array:
         """The stem on a batch ``x`` of shape ``(B, in_dim)``; returns ``(B, width)``."""
         if self.residual:
-            return x @ params["stem"]["W"].T + params["stem"]["b"]
+            return self._linear(params["stem"], x)
         return self._dense(params["stem"], x)
 
     def unit(self, unit_params: Params, h: jax.Array) -> jax.Array:
@@ -220,13 +225,23 @@ class Network:
         pre = h
         for step in self.order.split("-"):
             if step == "linear":
-                h = h @ p["W"].T + p["b"]
+                h = self._linear(p, h)
             elif step == "act":
                 pre = h
                 h = phi(h)
             elif self.norm != "none":
-                h = _normalize(h, axis=0 if self.batch_coupled else -1, eps=self.norm_eps)
+                h = _normalize(h, axis=self._norm_axes(), eps=self.norm_eps)
         return h, pre
+
+    def _linear(self, p: Params, h: jax.Array) -> jax.Array:
+        return h @ p["W"].T + p["b"]
+
+    def _norm_axes(self) -> int | tuple[int, ...]:
+        """Axes normalized over: the batch (batch norm) or the features (layer norm)."""
+        return 0 if self.batch_coupled else -1
+
+    def _layer_params(self, key, fan_in: int, fan_out: int, paired_input: bool) -> Params:
+        return _dense_params(key, self.weight_init, fan_in, fan_out, self, paired_input)
 
     def check_input(self, x: jax.Array) -> None:
         """Raise ``ValueError`` unless ``x`` is a batch ``(B, in_dim)`` this network takes."""

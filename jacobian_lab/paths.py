@@ -132,11 +132,11 @@ def path_gradients(
         :class:`PathGradients` over lengths ``0 .. depth``; the gradient is taken at the
         input of the first block (the stem's output).
     """
-    if not net.residual or net.block_order != "pre":
+    if not isinstance(net, Network) or not net.residual or net.block_order != "pre":
         raise ValueError(
             "path_gradients needs a residual network with block_order='pre' (blocks "
             "f -> f + r(f)); build one with jacobian_lab.resmlp(...)"
         )
     out, ok = _path_gradients(net, params, samples(net, x), key, num_paths)
-    check_layers_finite(ok)
+    check_layers_finite(ok, net)
     return out

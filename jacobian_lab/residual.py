@@ -22,7 +22,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab.layered import _layer_jacobians, check_layers_finite, layer_finite, samples
+from jacobian_lab.chain import Chain, chain_pass
+from jacobian_lab.layered import (
+    _layer_jacobians,
+    chain_finite,
+    check_layers_finite,
+    layer_finite,
+    samples,
+)
 from jacobian_lab.networks import Network, Params
 
 
@@ -58,43 +65,83 @@ class Pythagorean(NamedTuple):
         return jnp.sqrt(self.branch_sq / self.skip_sq)
 
 
-def _require_residual(net: Network) -> None:
-    if not net.residual:
+def _require_residual(net: Network | Chain) -> None:
+    if isinstance(net, Chain):
+        if not net.residual_layers:
+            raise ValueError(
+                "this chain has no residual blocks: mark them with "
+                "jacobian_lab.Residual(branch, skip) in chain([...])"
+            )
+    elif not net.residual:
         raise ValueError(
             f"{net.name or 'this network'} has no residual blocks; build one with "
             "jacobian_lab.resmlp(...)"
         )
 
 
+def _blocks_from_output(chain: Chain) -> list[int]:
+    """A chain's residual layers (indices from the input), the one nearest the output
+    first, the order the block diagnostics report them in."""
+    return sorted(chain.residual_layers, reverse=True)
+
+
+def _block_input(cp, i: int) -> jax.Array:
+    return cp.inputs if i == 0 else cp.outputs[i - 1]
+
+
+def _pythagorean_terms(f, r) -> tuple:
+    f, r = f.reshape(f.shape[0], -1), r.reshape(r.shape[0], -1)  # images: one vector each
+    return (
+        jnp.sum(f**2, -1),
+        jnp.sum(r**2, -1),
+        jnp.sum((f + r) ** 2, -1),
+        2 * jnp.sum(f * r, -1),
+    )
+
+
+def _pythagorean_from_terms(ff, rr, ss, fr) -> Pythagorean:
+    return Pythagorean(ff, rr, ss, fr, fr / (2 * jnp.sqrt(ff * rr)))
+
+
+@partial(jax.jit, static_argnums=0)
+def _chain_pythagorean(chain: Chain, params, xs):
+    cp = chain_pass(chain, params, xs)
+    terms = [_pythagorean_terms(cp.skips[i], cp.branches[i]) for i in _blocks_from_output(chain)]
+    ff, rr, ss, fr = (jnp.stack(t, axis=1) for t in zip(*terms, strict=True))
+    return _pythagorean_from_terms(ff, rr, ss, fr), chain_finite(cp)
+
+
 @partial(jax.jit, static_argnums=0)
 def _pythagorean(net: Network, params: Params, x: jax.Array) -> Pythagorean:
     def step(h, p):
         f, r = net.block_parts(p, h)
-        terms = (
-            jnp.sum(f**2, -1),
-            jnp.sum(r**2, -1),
-            jnp.sum((f + r) ** 2, -1),
-            2 * jnp.sum(f * r, -1),
-        )
-        return net.unit(p, h), terms
+        return net.unit(p, h), _pythagorean_terms(f, r)
 
     _, (ff, rr, ss, fr) = jax.lax.scan(step, net.stem(params, x), params["units"])
-    ff, rr, ss, fr = (a[::-1].T for a in (ff, rr, ss, fr))
-    return Pythagorean(ff, rr, ss, fr, fr / (2 * jnp.sqrt(ff * rr)))
+    return _pythagorean_from_terms(*(a[::-1].T for a in (ff, rr, ss, fr)))
 
 
-def pythagorean_decomposition(net: Network, params: Params, x: jax.Array) -> Pythagorean:
+def pythagorean_decomposition(net: Network | Chain, params: Params, x: jax.Array) -> Pythagorean:
     """Split every block's output length into skip, branch and cross term.
 
     Args:
-        net: a residual network (:func:`jacobian_lab.resmlp`).
+        net: a residual network (:func:`jacobian_lab.resmlp`), or a
+            :class:`~jacobian_lab.Chain` with :class:`~jacobian_lab.Residual` layers
+            (``f`` is then the skip's output, which is the block input for an identity
+            skip).
         params: its parameters.
-        x: inputs ``(B, in_dim)``.
+        x: inputs ``(B, in_dim)`` (a chain: a pytree with a leading sample axis).
 
     Returns:
-        :class:`Pythagorean` with fields of shape ``(B, depth)``.
+        :class:`Pythagorean` with fields of shape ``(B, depth)`` (a chain: ``(S, number
+        of residual layers)``, nearest the output first; ``chain.block_outputs`` gives
+        each block's output layer ``l``).
     """
     _require_residual(net)
+    if isinstance(net, Chain):
+        out, ok = _chain_pythagorean(net, params, samples(net, x))
+        check_layers_finite(ok, net)
+        return out
     net.check_input(x)
     return _pythagorean(net, params, x)
 
@@ -135,24 +182,56 @@ def _block_stats(net: Network, params: Params, xs: jax.Array, key: jax.Array):
     return BlockJacobianStats(svals, ratios), layer_finite(lj)
 
 
+@partial(jax.jit, static_argnums=0)
+def _chain_block_stats(chain: Chain, params, xs, key):
+    cp = chain_pass(chain, params, xs)
+    blocks = _blocks_from_output(chain)
+    if not blocks:  # a plain chain: every layer with a square Jacobian
+        blocks = [i for i in range(chain.num_layers - 1, -1, -1) if _square(cp.units[i])]
+    shapes = {cp.units[i].shape for i in blocks}
+    if len(shapes) != 1:
+        raise ValueError(
+            "block_jacobian_stats stacks the blocks' singular values and needs every block "
+            f"to have one size; got Jacobians of shapes {sorted(s[1:] for s in shapes)}"
+        )
+    g = jax.random.normal(key, cp.outputs[-1].shape, cp.outputs[-1].dtype)
+    ratios = {}
+    for i in range(chain.num_layers - 1, -1, -1):  # backpropagate from the output
+        g_below = jnp.einsum("sij,si->sj", cp.units[i], g)
+        ratios[i] = jnp.linalg.norm(g_below, axis=-1) / jnp.linalg.norm(g, axis=-1)
+        g = g_below
+    svals = jnp.linalg.svd(jnp.stack([cp.units[i] for i in blocks], axis=1), compute_uv=False)
+    stats = BlockJacobianStats(svals, jnp.stack([ratios[i] for i in blocks], axis=1))
+    return stats, chain_finite(cp)
+
+
+def _square(J: jax.Array) -> bool:
+    return J.shape[-1] == J.shape[-2]
+
+
 def block_jacobian_stats(
-    net: Network, params: Params, x: jax.Array, key: jax.Array
+    net: Network | Chain, params: Params, x: jax.Array, key: jax.Array
 ) -> BlockJacobianStats:
     """Singular values of every block's Jacobian and the gradient-norm ratio across it.
 
     Args:
         net: a residual network; params: its parameters. A plain network is accepted
             too: its "blocks" are its dense layers above the stem (the comparison
-            Zaeemzadeh et al. draw between blocks with and without the skip).
-        x: inputs ``(B, in_dim)`` (batch norm: one batch, or ``(S, B, in_dim)``).
+            Zaeemzadeh et al. draw between blocks with and without the skip). For a
+            :class:`~jacobian_lab.Chain`, the blocks are its
+            :class:`~jacobian_lab.Residual` layers (nearest the output first), or, in a
+            chain without any, every layer with a square Jacobian.
+        x: inputs ``(B, in_dim)`` (batch norm: one batch, or ``(S, B, in_dim)``; a chain:
+            a pytree with a leading sample axis).
         key: PRNG key for the random output direction ``v``.
 
     Returns:
         :class:`BlockJacobianStats`; the block axis has length ``net.num_units``
         (``depth`` blocks; GSC-paper indexing, block 0 produces the output).
     """
-    stats, ok = _block_stats(net, params, samples(net, x), key)
-    check_layers_finite(ok)
+    impl = _chain_block_stats if isinstance(net, Chain) else _block_stats
+    stats, ok = impl(net, params, samples(net, x), key)
+    check_layers_finite(ok, net)
     return stats
 
 
@@ -199,23 +278,55 @@ def _block_gsc(net: Network, params: Params, xs: jax.Array):
     return BlockGSC(gsc_block, branch, rho, predicted), layer_finite(lj)
 
 
-def block_gsc(net: Network, params: Params, x: jax.Array) -> BlockGSC:
+@partial(jax.jit, static_argnums=0)
+def _chain_block_gsc(chain: Chain, params, xs):
+    cp = chain_pass(chain, params, xs)
+    fields = []
+    for i in _blocks_from_output(chain):
+        h, out = _block_input(cp, i), cp.outputs[i]
+        s, r = cp.skips[i], cp.branches[i]
+        d = h.shape[-1]
+        n_h, n_s, n_r = (jnp.linalg.norm(v, axis=-1) for v in (h, s, r))
+        qm_block, qm_s, qm_r = (
+            jnp.sqrt(jnp.sum(J**2, axis=(-2, -1)) / d)
+            for J in (cp.units[i], cp.skip_units[i], cp.branch_units[i])
+        )
+        rho = n_r / n_s
+        branch = jnp.where(n_r > 0, qm_r * n_h / jnp.where(n_r > 0, n_r, 1.0), jnp.nan)
+        # skip GSC g_s = qm_s n_h / n_s and branch GSC g_r: sqrt((g_s^2 + g_r^2 rho^2) /
+        # (1 + rho^2)), written without dividing by n_r.
+        predicted = n_h / n_s * jnp.sqrt((qm_s**2 + qm_r**2) / (1 + rho**2))
+        gsc_block = qm_block * n_h / jnp.linalg.norm(out, axis=-1)
+        fields.append((gsc_block, branch, rho, predicted))
+    return BlockGSC(*(jnp.stack(f, axis=1) for f in zip(*fields, strict=True))), chain_finite(cp)
+
+
+def block_gsc(net: Network | Chain, params: Params, x: jax.Array) -> BlockGSC:
     """Measured and predicted GSC across every residual block (see :class:`BlockGSC`).
 
     Args:
-        net: a residual network with ``block_order="pre"`` (output ``f + alpha r(f)``);
+        net: a residual network with ``block_order="pre"`` (output ``f + alpha r(f)``),
+            or a :class:`~jacobian_lab.Chain` with :class:`~jacobian_lab.Residual` layers;
             params: its parameters.
-        x: inputs ``(B, in_dim)`` (batch norm: one batch, or ``(S, B, in_dim)``).
+        x: inputs ``(B, in_dim)`` (batch norm: one batch, or ``(S, B, in_dim)``; a chain:
+            a pytree with a leading sample axis).
 
     Returns:
-        :class:`BlockGSC`, fields ``(S, depth)``.
+        :class:`BlockGSC`, fields ``(S, depth)`` (a chain: ``(S, number of residual
+        layers)``, nearest the output first). With a skip ``s`` other than the identity
+        (a projection), ``branch_ratio`` is ``||r|| / ||s||`` and the prediction weights
+        the skip's own GSC ``qm(J_s) ||f|| / ||s||`` in place of 1.
     """
     _require_residual(net)
+    if isinstance(net, Chain):
+        out, ok = _chain_block_gsc(net, params, samples(net, x))
+        check_layers_finite(ok, net)
+        return out
     if net.block_order != "pre":
         raise ValueError(
             "block_gsc needs block_order='pre': with a post-activation the block's "
             "Jacobian is not I + J_r"
         )
     out, ok = _block_gsc(net, params, samples(net, x))
-    check_layers_finite(ok)
+    check_layers_finite(ok, net)
     return out

@@ -5,10 +5,13 @@ All functions take batches: any leading axes (inputs, seeds, layers) are kept.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jacobian_lab.matrix_free import Estimate
 
 
 def singular_values(J: jax.Array) -> jax.Array:
@@ -114,3 +117,115 @@ def prefix_singular_values(net, params, x: jax.Array, depths) -> jax.Array:
         raise ValueError(f"depths must lie in 1..{L} (the network's layers), got {depths}")
     P = input_to_layer_jacobians(net, params, x)  # (S, L, d, d_in); [s, l] = d f_l / d x
     return singular_values(P[:, [L - D for D in depths]])
+
+
+class Spectrum(NamedTuple):
+    """The squared singular values of a Jacobian ``J`` (``m x n``) as a spectral measure,
+    exact or estimated, with its extreme values.
+
+    The measure is the eigenvalue distribution of ``J^T J``, ``(1/n) sum_i delta(lambda_i)``
+    over its ``n`` eigenvalues (the ``min(m, n)`` squared singular values and ``n - m``
+    zeros when ``J`` is wide), written as ``(1/P) sum_p sum_j weights[p, j]
+    delta(nodes[p, j])``. Dense: ``P = 1``, the eigenvalues with weights ``1/n``.
+    Matrix-free: stochastic Lanczos quadrature over ``P`` probes.
+
+    Fields:
+        nodes, weights: ``(P, k)``; each row of ``weights`` sums to 1.
+        frobenius_sq: ``||J||_F^2`` (:class:`~jacobian_lab.matrix_free.Estimate`; error 0
+            when dense, else the standard error over the SLQ probes).
+        largest, smallest: singular values ``s_1`` and ``s_min(m, n)`` (Estimates; the
+            matrix-free errors are Lanczos residual bounds).
+        method: ``"dense"`` or ``"matrix_free"``.
+    """
+
+    nodes: jax.Array
+    weights: jax.Array
+    frobenius_sq: Estimate
+    largest: Estimate
+    smallest: Estimate
+    method: str
+
+    @property
+    def condition_number(self) -> jax.Array:
+        """``s_1 / s_min`` (point values)."""
+        return self.largest.value / self.smallest.value
+
+    def cdf(self, t: jax.Array) -> jax.Array:
+        """Fraction of the ``n`` eigenvalues of ``J^T J`` at most ``t`` (any shape)."""
+        t = jnp.asarray(t)
+        below = self.nodes[None] <= t.reshape(-1, 1, 1)
+        return (jnp.sum(below * self.weights, axis=(1, 2)) / self.nodes.shape[0]).reshape(t.shape)
+
+    def moment(self, j: int) -> jax.Array:
+        """``(1/n) tr (J^T J)^j``; SLQ with ``k`` steps is exact for ``j < 2k`` up to the
+        probes' Monte-Carlo error."""
+        return jnp.sum(self.weights * self.nodes**j) / self.nodes.shape[0]
+
+    def density(self, grid: jax.Array, bandwidth: float) -> jax.Array:
+        """Gaussian-kernel smoothed density of the squared singular values at ``grid``."""
+        z = (jnp.asarray(grid)[:, None, None] - self.nodes[None]) / bandwidth
+        k = jnp.exp(-0.5 * z**2) / (bandwidth * jnp.sqrt(2 * jnp.pi))
+        return jnp.sum(k * self.weights[None], axis=(1, 2)) / self.nodes.shape[0]
+
+
+def jacobian_spectrum(
+    fn: Callable[[Any], Any],
+    x: Any,
+    *,
+    method: str = "auto",
+    key: jax.Array | None = None,
+    num_probes: int = 16,
+    num_matvecs: int = 32,
+    memory_budget: int | None = None,
+) -> Spectrum:
+    """The spectrum of ``J = d fn / d x`` for any callable: exact where the Jacobian fits
+    in memory, matrix-free where it does not.
+
+    Args:
+        fn, x: the function and the point (pytrees flattened as in
+            :func:`jacobian_lab.jacobian`).
+        method: ``"dense"`` (full Jacobian and SVD), ``"matrix_free"`` (stochastic Lanczos
+            quadrature over ``num_probes`` Rademacher probes with ``num_matvecs``
+            Golub-Kahan steps each, plus one Lanczos run for the extreme values; matfree),
+            or ``"auto"``: dense when ``3 m n`` numbers fit ``memory_budget`` bytes
+            (default 1 GiB).
+        key: PRNG key for the probes (default ``PRNGKey(0)``).
+
+    Returns:
+        :class:`Spectrum`.
+    """
+    from jacobian_lab.jacobians import jacobian
+    from jacobian_lab.matrix_free import (
+        choose_method,
+        dense_bytes,
+        extreme_singular_values,
+        slq_spectrum,
+    )
+
+    shape_in = sum(int(jnp.size(v)) for v in jax.tree_util.tree_leaves(x))
+    out = jax.eval_shape(fn, x)
+    shape_out = sum(int(jnp.size(jnp.zeros(v.shape))) for v in jax.tree_util.tree_leaves(out))
+    dtype = jax.tree_util.tree_leaves(x)[0].dtype
+    chosen = choose_method(method, dense_bytes((shape_out, shape_in), dtype), memory_budget)
+    key = jax.random.PRNGKey(0) if key is None else key
+    if chosen == "dense":
+        J = jacobian(fn, x)
+        s = singular_values(J)
+        n = J.shape[1]
+        nodes = jnp.concatenate([s**2, jnp.zeros(n - s.shape[0], s.dtype)])[None]
+        zero = jnp.zeros((), s.dtype)
+        return Spectrum(
+            nodes,
+            jnp.full_like(nodes, 1.0 / n),
+            Estimate(jnp.sum(s**2), zero),
+            Estimate(s[0], zero),
+            Estimate(s[-1], zero),
+            "dense",
+        )
+    k_slq, k_ext = jax.random.split(key)
+    slq = slq_spectrum(fn, x, k_slq, num_probes, num_matvecs)
+    n = shape_in
+    per_probe = n * jnp.sum(slq.weights * slq.nodes, axis=1)  # = ||J v_p||^2, ||v_p||^2 = n
+    frob = Estimate(per_probe.mean(), per_probe.std() / jnp.sqrt(num_probes))
+    ext = extreme_singular_values(fn, x, k_ext, num_matvecs)
+    return Spectrum(slq.nodes, slq.weights, frob, ext.largest, ext.smallest, "matrix_free")

@@ -1,0 +1,247 @@
+"""Convolutional networks at initialization: plain CNNs and residual CNNs on images.
+
+A :class:`ConvNetwork` is a :class:`~jacobian_lab.networks.Network` whose "linear" step is
+a 2-D convolution (stride 1, ``SAME`` zero padding, so every layer keeps the image size)
+and whose inputs are images ``(B, H, W, C_in)`` (NHWC). Everything else is inherited:
+stem and stacked units under ``lax.scan``, the layer order, normalization, residual
+blocks, GSC-paper layer indexing. So every function that takes a ``Network`` takes a
+``ConvNetwork``; a layer's value ``f_l`` is the image ``(H, W, channels)`` flattened in
+row-major order (index ``(h * W + w) * C + c``), and one layer-to-layer Jacobian of a
+CIFAR-shaped layer with 16 channels is ``16384 x 16384``. Use the matrix-free methods
+(:func:`jacobian_lab.gsc` with ``method="auto"``, :func:`jacobian_lab.gsc_estimate`,
+:func:`jacobian_lab.jacobian_spectrum`) at that size.
+
+Weights: a kernel ``(k, k, C_in, C_out)`` (HWIO), applied as a cross-correlation; fan-in is
+``k^2 C_in``. Initializers (``weight_init``):
+    ``"gaussian"``: i.i.d. N(0, sigma_w^2 / fan_in);
+    ``"he"``, ``"lecun"``: Gaussian with sigma_w^2 = 2 or 1;
+    ``"orthogonal"``: sigma_w times a Haar (semi-)orthogonal matrix of shape
+        ``(C_out, k^2 C_in)``, reshaped to the kernel (Saxe et al.);
+    ``"delta_orthogonal"``: every tap zero except the centre, which is sigma_w times a Haar
+        (semi-)orthogonal ``C_in x C_out`` matrix (Xiao et al., arXiv 1806.05393). A linear
+        delta-orthogonal layer is then an exact isometry (times sigma_w) on images with
+        ``C_out >= C_in``.
+
+Normalization: ``"layer"`` normalizes each example over ``(H, W, C)``; ``"batch"`` each
+channel over ``(B, H, W)`` with batch statistics (the network is then a function of the
+whole batch, as for MLPs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from jacobian_lab.activations import get_activation
+from jacobian_lab.networks import NORMS, STEPS, Network, Params
+
+CONV_INITIALIZERS = ("gaussian", "he", "lecun", "orthogonal", "delta_orthogonal")
+
+
+@dataclass(frozen=True)
+class ConvNetwork(Network):
+    """A (residual) CNN at initialization; build it with :func:`convnet` or
+    :func:`resconvnet`. ``width`` is the number of channels, ``in_dim`` the input's
+    channels."""
+
+    image_size: int = 32
+    kernel_size: int = 3
+
+    def __post_init__(self) -> None:
+        _validate_conv(self)
+
+    @property
+    def channels(self) -> int:
+        """Channels of every hidden layer (``width``)."""
+        return self.width
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape of one input image ``(H, W, C_in)``."""
+        return (self.image_size, self.image_size, self.input_dim)
+
+    @property
+    def example_ndim(self) -> int:
+        """Axes of one example (an image: 3)."""
+        return 3
+
+    def check_input(self, x: jax.Array) -> None:
+        """Raise ``ValueError`` unless ``x`` is a batch of images ``(B, H, W, C_in)``."""
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
+            H, W, C = self.image_shape
+            raise ValueError(
+                f"expected a batch of images of shape (batch, {H}, {W}, {C}) (NHWC), got "
+                f"{tuple(x.shape)}; for one image use x[None]"
+            )
+        if self.batch_coupled and x.shape[0] < 2:
+            raise ValueError("batch norm needs a batch of at least 2 inputs")
+
+    def _linear(self, p: Params, h: jax.Array) -> jax.Array:
+        dt = jnp.result_type(h, p["W"])  # promote as a matmul would
+        out = jax.lax.conv_general_dilated(
+            h.astype(dt),
+            p["W"].astype(dt),
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return out + p["b"]
+
+    def _norm_axes(self) -> tuple[int, ...]:
+        return (0, 1, 2) if self.batch_coupled else (1, 2, 3)
+
+    def _layer_params(self, key, fan_in: int, fan_out: int, paired_input: bool) -> Params:
+        k_w, k_b = jax.random.split(key)
+        dtype = jnp.dtype(self.dtype)
+        W = conv_kernel(
+            k_w, self.weight_init, self.kernel_size, fan_in, fan_out, self.sigma_w, dtype
+        )
+        return {"W": W, "b": self.sigma_b * jax.random.normal(k_b, (fan_out,), dtype)}
+
+
+def conv_kernel(
+    key: jax.Array,
+    init: str,
+    kernel_size: int,
+    c_in: int,
+    c_out: int,
+    sigma_w: float = 1.0,
+    dtype=jnp.float32,
+) -> jax.Array:
+    """Draw one convolution kernel ``(k, k, c_in, c_out)`` (HWIO); see the module docstring
+    for the initializers."""
+    k = kernel_size
+    fan_in = k * k * c_in
+    if init == "delta_orthogonal":
+        centre = jax.nn.initializers.orthogonal(scale=sigma_w)(key, (c_in, c_out), dtype)
+        return jnp.zeros((k, k, c_in, c_out), dtype).at[k // 2, k // 2].set(centre)
+    if init == "orthogonal":
+        M = jax.nn.initializers.orthogonal(scale=sigma_w)(key, (c_out, fan_in), dtype)
+        return M.T.reshape(k, k, c_in, c_out)
+    scale = {"he": 2.0**0.5, "lecun": 1.0}.get(init, sigma_w)
+    if init not in CONV_INITIALIZERS:
+        raise ValueError(
+            f"unknown conv init {init!r}; expected one of: {', '.join(CONV_INITIALIZERS)}"
+        )
+    return scale / fan_in**0.5 * jax.random.normal(key, (k, k, c_in, c_out), dtype)
+
+
+def _validate_conv(net: ConvNetwork) -> None:
+    get_activation(net.activation)
+    for name, value in (
+        ("depth", net.depth),
+        ("channels", net.width),
+        ("in_channels", net.input_dim),
+        ("image_size", net.image_size),
+        ("kernel_size", net.kernel_size),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if net.kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd (a centred tap), got {net.kernel_size}")
+    if net.norm not in NORMS:
+        raise ValueError(f"unknown norm {net.norm!r}; expected one of: {', '.join(NORMS)}")
+    if net.weight_init not in CONV_INITIALIZERS:
+        raise ValueError(
+            f"unknown weight_init {net.weight_init!r} for a conv net; expected one of: "
+            f"{', '.join(CONV_INITIALIZERS)}"
+        )
+    if sorted(net.order.split("-")) != sorted(STEPS):
+        raise ValueError(
+            f"order must name each of linear, norm, act once, separated by '-', got {net.order!r}"
+        )
+    if net.block_layers < 0:
+        raise ValueError(f"block_layers must be >= 0, got {net.block_layers}")
+    if net.block_order not in ("pre", "post"):
+        raise ValueError(f"block_order must be 'pre' or 'post', got {net.block_order!r}")
+    if net.dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {net.dtype!r}")
+
+
+def convnet(
+    depth: int,
+    channels: int,
+    activation: str,
+    *,
+    image_size: int = 32,
+    in_channels: int = 3,
+    kernel_size: int = 3,
+    norm: str = "none",
+    order: str = "linear-norm-act",
+    weight_init: str = "he",
+    sigma_w: float = 1.0,
+    sigma_b: float = 0.0,
+    dtype: str = "float32",
+    name: str = "",
+) -> ConvNetwork:
+    """A plain CNN of ``depth`` conv layers (the first maps ``in_channels`` to
+    ``channels``), each conv -> norm -> activation in the order given, on
+    ``image_size x image_size`` images.
+
+    Args:
+        weight_init: one of :data:`CONV_INITIALIZERS` (default He); ``sigma_w`` scales
+            ``"gaussian"``, ``"orthogonal"`` and ``"delta_orthogonal"``.
+        Other arguments as in :func:`jacobian_lab.mlp`.
+    """
+    return ConvNetwork(
+        depth,
+        channels,
+        activation,
+        in_channels,
+        norm,
+        order,
+        weight_init,
+        sigma_w,
+        sigma_b,
+        dtype=dtype,
+        name=name,
+        image_size=image_size,
+        kernel_size=kernel_size,
+    )
+
+
+def resconvnet(
+    depth: int,
+    channels: int,
+    activation: str,
+    *,
+    block_layers: int = 2,
+    residual_scale: float = 1.0,
+    block_order: str = "pre",
+    image_size: int = 32,
+    in_channels: int = 3,
+    kernel_size: int = 3,
+    norm: str = "none",
+    order: str = "norm-act-linear",
+    weight_init: str = "he",
+    sigma_w: float = 1.0,
+    sigma_b: float = 0.0,
+    dtype: str = "float32",
+    name: str = "",
+) -> ConvNetwork:
+    """A residual CNN: a conv stem (``in_channels -> channels``, no activation), then
+    ``depth`` blocks ``f -> f + residual_scale * r(f)`` whose branch is ``block_layers``
+    conv layers (default pre-activation order norm -> act -> conv, He et al. 2016).
+    Arguments as in :func:`convnet` and :func:`jacobian_lab.resmlp`."""
+    if block_layers < 1:
+        raise ValueError(f"a residual network needs block_layers >= 1, got {block_layers}")
+    return ConvNetwork(
+        depth,
+        channels,
+        activation,
+        in_channels,
+        norm,
+        order,
+        weight_init,
+        sigma_w,
+        sigma_b,
+        block_layers,
+        residual_scale,
+        block_order,
+        dtype=dtype,
+        name=name,
+        image_size=image_size,
+        kernel_size=kernel_size,
+    )

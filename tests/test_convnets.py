@@ -1,0 +1,147 @@
+"""Convolutional networks: Jacobians against jax.jacfwd, exact isometries, the
+initializers' defining properties, and the diagnostics shared with MLPs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jacobian_lab as jl
+
+
+def _images(n, size, channels, seed=1):
+    return jax.random.normal(jax.random.PRNGKey(seed), (n, size, size, channels), jnp.float64)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_conv_jacobians_agree_with_jacfwd(key, residual):
+    """Per-layer Jacobians accumulated by jacobian_lab equal jax.jacfwd of the whole
+    network on the flattened image (row-major (h, w, c) order)."""
+    if residual:
+        net = jl.resconvnet(2, 4, "tanh", image_size=5, in_channels=3, dtype="float64")
+    else:
+        net = jl.convnet(3, 4, "tanh", image_size=5, in_channels=3, dtype="float64")
+    p = net.init(key)
+    x = _images(2, 5, 3)
+    J = jl.input_output_jacobian(net, p, x)
+    assert J.shape == (2, 5 * 5 * 4, 5 * 5 * 3)
+    for s in range(2):
+        ref = jax.jacfwd(lambda v: net.apply(p, v.reshape(1, 5, 5, 3)).ravel())(x[s].ravel())
+        np.testing.assert_allclose(J[s], ref, rtol=1e-10, atol=1e-12)
+    P = jl.input_to_layer_jacobians(net, p, x)
+    np.testing.assert_allclose(P[:, 0], J, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_delta_orthogonal_network_is_an_exact_isometry(key):
+    """Delta-orthogonal kernels act on each pixel by one orthogonal matrix (SAME padding
+    only ever reaches zero taps), so every singular value of the Jacobian is sigma_w^L."""
+    net = jl.convnet(
+        4,
+        6,
+        "linear",
+        image_size=4,
+        in_channels=6,
+        weight_init="delta_orthogonal",
+        sigma_w=1.1,
+        dtype="float64",
+    )
+    p = net.init(key)
+    J = jl.input_output_jacobian(net, p, _images(1, 4, 6))
+    s = np.linalg.svd(J[0], compute_uv=False)
+    np.testing.assert_allclose(s, 1.1**4, rtol=1e-12)
+    np.testing.assert_allclose(jl.gsc(net, p, _images(2, 4, 6)), 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "delta_orthogonal"])
+def test_orthogonal_kernels_have_orthonormal_rows(key, init):
+    """The kernel reshaped to (C_out, k^2 C_in) has orthonormal rows times sigma_w (for the
+    delta kernel: its centre tap is orthogonal, the rest zero)."""
+    W = jl.convnets.conv_kernel(key, init, 3, 4, 8, sigma_w=2.0, dtype=jnp.float64)
+    assert W.shape == (3, 3, 4, 8)
+    M = W.reshape(36, 8).T
+    if init == "delta_orthogonal":
+        np.testing.assert_allclose(
+            W[1, 1].T @ W[1, 1] if 4 >= 8 else W[1, 1] @ W[1, 1].T, 4.0 * np.eye(4), atol=1e-12
+        )
+        assert float(jnp.sum(jnp.abs(W)) - jnp.sum(jnp.abs(W[1, 1]))) == 0.0
+    else:
+        np.testing.assert_allclose(M @ M.T, 4.0 * np.eye(8), atol=1e-12)
+
+
+def test_he_kernel_variance(key):
+    """He: entries N(0, 2 / (k^2 C_in)); the sample variance of 9*16*64 = 9216 entries is
+    within 4% (4 standard errors of sqrt(2/9216) = 1.5%)."""
+    W = jl.convnets.conv_kernel(key, "he", 3, 16, 64, dtype=jnp.float64)
+    np.testing.assert_allclose(jnp.var(W), 2.0 / (9 * 16), rtol=0.06)
+
+
+def test_he_relu_convnet_keeps_the_gsc_near_one_per_layer(key):
+    """Mean field: He-initialized ReLU layers have chi_1 = 1, so the qm norm of the
+    Jacobian and the lengths stay O(1) with depth; GSC(L, 0) ~ 1 up to finite-size
+    fluctuation (16 channels x 64 pixels per layer)."""
+    net = jl.convnet(8, 16, "relu", image_size=8, in_channels=3)
+    x = _images(4, 8, 3).astype(jnp.float32)
+    g = jl.gsc(net, net.init(key), x)
+    rate = float(jnp.exp(jnp.mean(jnp.log(g[:, -1])) / 8))
+    assert 0.85 < rate < 1.15
+
+
+def test_layer_norm_normalizes_each_image_and_batch_norm_each_channel(key):
+    for norm, axes in (("layer", (1, 2, 3)), ("batch", (0, 1, 2))):
+        net = jl.convnet(
+            2,
+            4,
+            "linear",
+            image_size=5,
+            in_channels=3,
+            norm=norm,
+            order="linear-act-norm",
+            dtype="float64",
+        )
+        h = net.apply(net.init(key), _images(3, 5, 3))
+        np.testing.assert_allclose(jnp.mean(h, axis=axes), 0.0, atol=1e-12)
+        np.testing.assert_allclose(jnp.var(h, axis=axes), 1.0, rtol=1e-3)  # eps = 1e-5
+
+
+def test_residual_diagnostics_on_a_conv_resnet(key):
+    """Pythagorean identity exact per image; block GSC (dense) equals the matrix-free
+    estimate within its error; every diagnostic takes image inputs."""
+    net = jl.resconvnet(3, 4, "relu", image_size=4, in_channels=3, norm="layer", dtype="float64")
+    p = net.init(key)
+    x = _images(2, 4, 3)
+    d = jl.pythagorean_decomposition(net, p, x)
+    assert d.skip_sq.shape == (2, 3)
+    np.testing.assert_allclose(d.sum_sq, d.skip_sq + d.branch_sq + d.cross, rtol=1e-12)
+    bg = jl.block_gsc(net, p, x)
+    assert bg.gsc.shape == (2, 3)
+    stats = jl.block_jacobian_stats(net, p, x, key)
+    assert stats.singular_values.shape == (2, 3, 64)
+    dense = jl.gsc(net, p, x, method="dense")
+    est = jl.gsc_estimate(net, p, x, jax.random.PRNGKey(3), 256)
+    assert float(jnp.max(jnp.abs((est.value - dense)[:, 1:] / est.error[:, 1:]))) < 4.5
+
+
+def test_cifar_shaped_gsc_goes_matrix_free(key):
+    """A 32 x 32 x 16 layer has a 16384 x 16384 Jacobian: 1 GiB in float32, more than the
+    default budget with its running product, so method='auto' estimates it matrix-free."""
+    from jacobian_lab.gsc import _dense_gsc_bytes
+    from jacobian_lab.layered import samples
+
+    net = jl.resconvnet(2, 16, "relu", norm="layer")
+    p = net.init(key)
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 32, 32, 3))
+    assert _dense_gsc_bytes(net, p, samples(net, x)) > 2**30
+    g = jl.gsc(net, p, x, num_probes=8)
+    assert g.shape == (1, 4) and bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_conv_bad_input(key):
+    with pytest.raises(ValueError, match="unknown weight_init 'glorot' for a conv net"):
+        jl.convnet(2, 4, "relu", weight_init="glorot")
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        jl.convnet(2, 4, "relu", kernel_size=2)
+    with pytest.raises(ValueError, match="unknown activation|activation"):
+        jl.convnet(2, 4, "relux")
+    net = jl.convnet(2, 4, "relu", image_size=8)
+    with pytest.raises(ValueError, match=r"images of shape \(batch, 8, 8, 3\) \(NHWC\)"):
+        jl.gsc(net, net.init(key), jnp.ones((2, 8, 8, 4)))
