@@ -95,7 +95,7 @@ def main() -> None:
         ours_c = _input_output_jacobian.lower(net, params, xs).compile()
         compile_s = time.perf_counter() - t0
         t_ours = median_seconds(ours_c, params, xs)
-        f = lambda v, p: net.apply(p, v[None])[0]  # noqa: E731
+        f = lambda v, p, net=net: net.apply(p, v[None])[0]  # noqa: E731
         t_fwd = median_seconds(jax.jit(jax.jacfwd(f)), x[0], params)
         t_rev = median_seconds(jax.jit(jax.jacrev(f)), x[0], params)
         t_torch = torch_seconds(net, params, x)

@@ -63,37 +63,43 @@ def mlp_part(widths, probes, depth):
     )
     key = jax.random.PRNGKey(2)
     for d in widths:
-        net = jl.mlp(depth, d, "tanh")
-        p = net.init(jax.random.PRNGKey(0))
-        x = jax.random.normal(jax.random.PRNGKey(1), (1, d), jnp.float32)
-        xs = samples(net, x)
-        dense, first, run = timed(lambda: jl.gsc(net, p, x, method="dense"))
-        ref = float(dense[0, -1])
-        mib = temp_mib(_gsc_to_output, net, p, xs)
-        print(f"{d:>6}{'dense':>14}{run:>9.4f}{first:>9.3f}{0:>9.1e}{0:>8.1e}{mib:>9.1f}")
-        for P in probes:
-            est, first, run = timed(lambda P=P: jl.gsc_estimate(net, p, x, key, P))
-            rel = abs(float(est.value[0, -1]) - ref) / ref
-            se = float(est.error[0, -1]) / ref
-            mib = temp_mib(jax.jit(lambda p, xs, P=P: _gsc_estimate(net, p, xs, key, P)), p, xs)
-            print(
-                f"{d:>6}{f'probes {P}':>14}{run:>9.4f}{first:>9.3f}{rel:>9.1e}{se:>8.1e}"
-                f"{mib:>9.1f}",
-                flush=True,
-            )
-        fn = lambda v: net.apply(p, v[None])[0]  # noqa: E731
-        sd, first_d, run_d = timed(lambda: jl.jacobian_spectrum(fn, x[0], method="dense"), 1)
-        sm, first_m, run_m = timed(
-            lambda: jl.jacobian_spectrum(fn, x[0], method="matrix_free", key=key), 1
-        )
-        top = float(sd.largest.value) ** 2
-        print(f"{d:>6}{'density dense':>14}{run_d:>9.4f}{first_d:>9.3f}")
+        mlp_width(d, probes, depth, key)
+
+
+def mlp_width(d, probes, depth, key):
+    net = jl.mlp(depth, d, "tanh")
+    p = net.init(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, d), jnp.float32)
+    xs = samples(net, x)
+    dense, first, run = timed(lambda: jl.gsc(net, p, x, method="dense"))
+    ref = float(dense[0, -1])
+    mib = temp_mib(_gsc_to_output, net, p, xs)
+    print(f"{d:>6}{'dense':>14}{run:>9.4f}{first:>9.3f}{0:>9.1e}{0:>8.1e}{mib:>9.1f}")
+    for P in probes:
+        est, first, run = timed(lambda P=P: jl.gsc_estimate(net, p, x, key, P))
+        rel = abs(float(est.value[0, -1]) - ref) / ref
+        se = float(est.error[0, -1]) / ref
+        mib = temp_mib(jax.jit(lambda p, xs, P=P: _gsc_estimate(net, p, xs, key, P)), p, xs)
         print(
-            f"{d:>6}{'density SLQ':>14}{run_m:>9.4f}{first_m:>9.3f}  KS distance "
-            f"{ks(sm, sd, top):.3f}; sigma_max rel err "
-            f"{abs(float(sm.largest.value / sd.largest.value) - 1):.1e}",
+            f"{d:>6}{f'probes {P}':>14}{run:>9.4f}{first:>9.3f}{rel:>9.1e}{se:>8.1e}{mib:>9.1f}",
             flush=True,
         )
+
+    def fn(v):
+        return net.apply(p, v[None])[0]
+
+    sd, first_d, run_d = timed(lambda: jl.jacobian_spectrum(fn, x[0], method="dense"), 1)
+    sm, first_m, run_m = timed(
+        lambda: jl.jacobian_spectrum(fn, x[0], method="matrix_free", key=key), 1
+    )
+    top = float(sd.largest.value) ** 2
+    print(f"{d:>6}{'density dense':>14}{run_d:>9.4f}{first_d:>9.3f}")
+    print(
+        f"{d:>6}{'density SLQ':>14}{run_m:>9.4f}{first_m:>9.3f}  KS distance "
+        f"{ks(sm, sd, top):.3f}; sigma_max rel err "
+        f"{abs(float(sm.largest.value / sd.largest.value) - 1):.1e}",
+        flush=True,
+    )
 
 
 def conv_part():
