@@ -2,7 +2,9 @@
 
 Run by hand:  python benchmarks/compile_time.py [--depths 10 1000] [--width 100]
 Prints one row per (function, depth): compile seconds (lower + compile, no cache) and the
-median run seconds of the compiled function over a few repeats.
+median run seconds of the compiled function over a few repeats. Functions: the dense GSC
+to the output, the matrix-free GSC (16 probes), and the all-pairs GSC matrix (O(L^2),
+run up to --matrix-max-depth).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import jacobian_lab as jl
-from jacobian_lab.gsc import _gsc_matrix, _gsc_to_output
+from jacobian_lab.gsc import _gsc_estimate, _gsc_matrix, _gsc_to_output
 from jacobian_lab.layered import samples
 
 
@@ -49,14 +51,18 @@ def main() -> None:
         params = net.init(jax.random.PRNGKey(0))
         x = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.width), jnp.float32)
         xs = samples(net, x)
-        fns = {"gsc": _gsc_to_output}
+        key = jax.random.PRNGKey(2)
+        fns = {
+            "gsc": (_gsc_to_output, (net, params, xs), (params, xs)),
+            "gsc_estimate": (_gsc_estimate, (net, params, xs, key, 16), (params, xs, key)),
+        }
         if depth <= args.matrix_max_depth:
-            fns["gsc_matrix"] = _gsc_matrix
-        for name, fn in fns.items():
+            fns["gsc_matrix"] = (_gsc_matrix, (net, params, xs), (params, xs))
+        for name, (fn, lower_args, call_args) in fns.items():
             t0 = time.perf_counter()
-            compiled = fn.lower(net, params, xs).compile()
+            compiled = fn.lower(*lower_args).compile()
             compile_s = time.perf_counter() - t0
-            run_s = _time(compiled, params, xs)
+            run_s = _time(compiled, *call_args)
             print(f"{name:<14}{depth:>6}{compile_s:>11.3f}{run_s:>10.4f}", flush=True)
 
 

@@ -8,7 +8,7 @@ The network is a plain tanh MLP (no normalization, so PyTorch computes exactly t
 function). Forward-mode accumulation of a d x d Jacobian through L dense layers costs
 2 L d^3 flops (one d x d x d matmul per layer); that count over the run time is the
 achieved rate, and the float32 matmul of the same size measured here is the physical
-limit. Run times are medians of 5 runs of compiled code; compile times are separate.
+limit. Run times are medians of 20 runs of compiled code; compile times are separate.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import jacobian_lab as jl
 from jacobian_lab.layered import _input_output_jacobian, samples
 
 
-def median_seconds(fn, *args, repeats=5):
+def median_seconds(fn, *args, repeats=20):
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
@@ -36,7 +36,7 @@ def median_seconds(fn, *args, repeats=5):
 
 
 def matmul_peak(n: int) -> float:
-    """GFLOP/s of a float32 n x n matmul (jit, median of 5)."""
+    """GFLOP/s of a float32 n x n matmul (jit, median of 20)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     t = median_seconds(jax.jit(jnp.dot), a, a)
     return 2 * n**3 / t / 1e9
@@ -49,11 +49,11 @@ def torch_seconds(net, params, x) -> float | None:
     except ImportError:
         return None
     torch.set_num_threads(os.cpu_count() or 1)
-    Ws = [torch.from_numpy(np.asarray(params["stem"]["W"]))] + [
-        torch.from_numpy(np.asarray(w)) for w in params["units"]["W"]
+    Ws = [torch.from_numpy(np.array(params["stem"]["W"]))] + [
+        torch.from_numpy(np.array(w)) for w in params["units"]["W"]
     ]
-    bs = [torch.from_numpy(np.asarray(params["stem"]["b"]))] + [
-        torch.from_numpy(np.asarray(b)) for b in params["units"]["b"]
+    bs = [torch.from_numpy(np.array(params["stem"]["b"]))] + [
+        torch.from_numpy(np.array(b)) for b in params["units"]["b"]
     ]
 
     def f(v):
@@ -61,12 +61,12 @@ def torch_seconds(net, params, x) -> float | None:
             v = torch.tanh(W @ v + b)
         return v
 
-    xt = torch.from_numpy(np.asarray(x[0]))
+    xt = torch.from_numpy(np.array(x[0]))
     J = jacrev(f)(xt)
     ref = np.asarray(_input_output_jacobian(net, params, samples(net, x)))[0]
     assert np.allclose(J.numpy(), ref, rtol=1e-3, atol=1e-4), "torch Jacobian differs"
     times = []
-    for _ in range(5):
+    for _ in range(20):
         t0 = time.perf_counter()
         jacrev(f)(xt)
         times.append(time.perf_counter() - t0)
