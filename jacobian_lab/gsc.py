@@ -150,6 +150,12 @@ def _layer_sizes(net: Network | Chain, params: Params, xs) -> list[int]:
     return [*sizes, sum(int(a.size) for a in jax.tree_util.tree_leaves(one))]
 
 
+def _gsc_sizes(net: Network | Chain, params: Params, xs) -> jax.Array:
+    """``(L+1,)`` flat sizes of ``f_0 .. f_L`` (GSC order), the divisors of the qm norms."""
+    sizes = _layer_sizes(net, params, xs)
+    return jnp.array([*sizes[:-1][::-1], sizes[-1]])
+
+
 def _dense_gsc_bytes(net: Network | Chain, params: Params, xs) -> int:
     """Memory of the dense GSC: every layer's Jacobian and its running product, all samples."""
     sizes = _layer_sizes(net, params, xs)
@@ -241,8 +247,7 @@ def gsc_estimate(
     """
     xs = samples(net, x)
     sq, sq_se, lengths = _gsc_estimate(net, params, xs, key, num_probes)
-    sizes = _layer_sizes(net, params, xs)
-    sizes = jnp.array([*sizes[:-1][::-1], sizes[-1]], sq.dtype)  # GSC order
+    sizes = _gsc_sizes(net, params, xs).astype(sq.dtype)
     ok = jnp.all(jnp.isfinite(sq), axis=0) & jnp.all(jnp.isfinite(lengths), axis=0)
     check_layers_finite(ok[:-1], net)
     value = jnp.sqrt(sq / sizes) * lengths / lengths[:, :1]
@@ -368,7 +373,15 @@ def growth_rate(g: jax.Array) -> GrowthRate:
 
 
 def gsc_over_seeds(
-    net: Network, keys: jax.Array, x: jax.Array, *, devices: Sequence[jax.Device] | None = None
+    net: Network,
+    keys: jax.Array,
+    x: jax.Array,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    method: str = "auto",
+    key: jax.Array | None = None,
+    num_probes: int = 64,
+    memory_budget: int | None = None,
 ) -> jax.Array:
     """:func:`gsc` for one network initialized with each of several PRNG keys.
 
@@ -378,6 +391,8 @@ def gsc_over_seeds(
         x: inputs, shared by every seed (as in :func:`gsc`).
         devices: devices the seeds are sharded over (default: all local devices; see
             :func:`jacobian_lab.sharding.map_over_devices`).
+        method, key, num_probes, memory_budget: as in :func:`gsc` (the budget is per
+            seed; the matrix-free probes use ``key``, default ``PRNGKey(0)``).
 
     Returns:
         ``(n_seeds, S, L+1)``; ``[i, s, k] = GSC(k, 0)`` of seed ``i`` at sample ``s``.
@@ -390,9 +405,20 @@ def gsc_over_seeds(
             "jacobian_lab Network; for a chain, call gsc once per set of params"
         )
     xs = samples(net, x)
-    g = map_over_devices(
-        lambda key: _gsc_to_output(net, net.init(key), xs)[0], keys, devices=devices
-    )
+    params0 = net.init(keys[0])
+    if choose_method(method, _dense_gsc_bytes(net, params0, xs), memory_budget) == "dense":
+        g = map_over_devices(
+            lambda k: _gsc_to_output(net, net.init(k), xs)[0], keys, devices=devices
+        )
+    else:
+        sizes = _gsc_sizes(net, params0, xs)
+        probe_key = jax.random.PRNGKey(0) if key is None else key
+
+        def one(k):
+            sq, _, lengths = _gsc_estimate(net, net.init(k), xs, probe_key, num_probes)
+            return jnp.sqrt(sq / sizes.astype(sq.dtype)) * lengths / lengths[:, :1]
+
+        g = map_over_devices(one, keys, devices=devices)
     bad = ~jnp.all(jnp.isfinite(g), axis=(1, 2))
     if bool(jnp.any(bad)):
         i = int(jnp.argmax(bad))

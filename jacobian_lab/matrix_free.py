@@ -90,9 +90,7 @@ def jacobian_operator(fn: Callable[[Any], Any], x: Any) -> Operator:
     def matvec(v):
         return jax.jvp(flat_fn, (flat_x,), (v,))[1]
 
-    return Operator(
-        matvec, lambda u: pullback(u)[0], (out.shape[0], flat_x.shape[0]), flat_x.dtype
-    )
+    return Operator(matvec, lambda u: pullback(u)[0], (out.shape[0], flat_x.shape[0]), flat_x.dtype)
 
 
 def dense_bytes(shape: tuple[int, int], dtype: Any, copies: int = 3) -> int:

@@ -182,3 +182,15 @@ def test_gsc_estimate_float32_matches_float64(key):
     e32 = jl.gsc_estimate(net32, p32, x.astype(jnp.float32), jax.random.PRNGKey(2), 32)
     assert e32.value.dtype == jnp.float32
     np.testing.assert_allclose(e32.value, e64.value, rtol=1e-4)
+
+
+def test_gsc_over_seeds_goes_matrix_free_beyond_the_budget(key):
+    """Seeds vmapped (and sharded) through the matrix-free path give each seed's
+    gsc_estimate with the same probes."""
+    net = jl.mlp(4, 12, "tanh", dtype="float64")
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 12), jnp.float64)
+    keys = jax.random.split(key, 3)
+    probe = jax.random.PRNGKey(4)
+    g = jl.gsc_over_seeds(net, keys, x, memory_budget=0, key=probe, num_probes=8)
+    each = jnp.stack([jl.gsc_estimate(net, net.init(k), x, probe, 8).value for k in keys])
+    np.testing.assert_allclose(g, each, rtol=1e-12)
