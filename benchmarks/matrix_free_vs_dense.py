@@ -10,8 +10,8 @@ MLP part (tanh, sigma_w = 1, depth 10, one input, float32):
   relative error of the matrix-free value against dense, its reported standard error,
   and the peak temporary memory XLA reports for each compiled program;
 * the spectral density of the input-output Jacobian, dense SVD vs stochastic Lanczos
-  quadrature (16 probes x 32 Golub-Kahan steps): time and the Kolmogorov-Smirnov distance
-  between the two CDFs of the squared singular values.
+  quadrature (16 probes x 32 Golub-Kahan steps): time, XLA's buffer size, and the
+  Kolmogorov-Smirnov distance between the two CDFs of the squared singular values.
 
 Conv part: a residual CNN on 32 x 32 x 3 images with 16 channels (every hidden layer has
 16384 numbers); the 16384 x 16384 Jacobian from the stem's output to the network's
@@ -93,9 +93,14 @@ def mlp_width(d, probes, depth, key):
         lambda: jl.jacobian_spectrum(fn, x[0], method="matrix_free", key=key), 1
     )
     top = float(sd.largest.value) ** 2
-    print(f"{d:>6}{'density dense':>14}{run_d:>9.4f}{first_d:>9.3f}")
+    mib_d = temp_mib(jax.jit(lambda v: jl.jacobian_spectrum(fn, v, method="dense").nodes), x[0])
+    mib_m = temp_mib(
+        jax.jit(lambda v: jl.jacobian_spectrum(fn, v, method="matrix_free", key=key).nodes),
+        x[0],
+    )
+    print(f"{d:>6}{'density dense':>14}{run_d:>9.4f}{first_d:>9.3f}{'':>17}{mib_d:>9.1f}")
     print(
-        f"{d:>6}{'density SLQ':>14}{run_m:>9.4f}{first_m:>9.3f}  KS distance "
+        f"{d:>6}{'density SLQ':>14}{run_m:>9.4f}{first_m:>9.3f}{'':>17}{mib_m:>9.1f}  KS distance "
         f"{ks(sm, sd, top):.3f}; sigma_max rel err "
         f"{abs(float(sm.largest.value / sd.largest.value) - 1):.1e}",
         flush=True,

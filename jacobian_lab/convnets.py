@@ -34,8 +34,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab.activations import get_activation
-from jacobian_lab.networks import NORMS, STEPS, Network, Params
+from jacobian_lab.networks import Network, Params, _validate
 
 CONV_INITIALIZERS = ("gaussian", "he", "lecun", "orthogonal", "delta_orthogonal")
 
@@ -129,35 +128,12 @@ def conv_kernel(
 
 
 def _validate_conv(net: ConvNetwork) -> None:
-    get_activation(net.activation)
-    for name, value in (
-        ("depth", net.depth),
-        ("channels", net.width),
-        ("in_channels", net.input_dim),
-        ("image_size", net.image_size),
-        ("kernel_size", net.kernel_size),
-    ):
+    _validate(net, CONV_INITIALIZERS)
+    for name, value in (("image_size", net.image_size), ("kernel_size", net.kernel_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if net.kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd (a centred tap), got {net.kernel_size}")
-    if net.norm not in NORMS:
-        raise ValueError(f"unknown norm {net.norm!r}; expected one of: {', '.join(NORMS)}")
-    if net.weight_init not in CONV_INITIALIZERS:
-        raise ValueError(
-            f"unknown weight_init {net.weight_init!r} for a conv net; expected one of: "
-            f"{', '.join(CONV_INITIALIZERS)}"
-        )
-    if sorted(net.order.split("-")) != sorted(STEPS):
-        raise ValueError(
-            f"order must name each of linear, norm, act once, separated by '-', got {net.order!r}"
-        )
-    if net.block_layers < 0:
-        raise ValueError(f"block_layers must be >= 0, got {net.block_layers}")
-    if net.block_order not in ("pre", "post"):
-        raise ValueError(f"block_order must be 'pre' or 'post', got {net.block_order!r}")
-    if net.dtype not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {net.dtype!r}")
 
 
 def convnet(

@@ -274,16 +274,17 @@ def _dense_params(key, init, fan_in, fan_out, net: Network, paired_input: bool) 
     return {"W": W, "b": b}
 
 
-def _validate(net: Network) -> None:
+def _validate(net: Network, initializers: tuple[str, ...] = INITIALIZERS) -> None:
     get_activation(net.activation)
     for name, value in (("depth", net.depth), ("width", net.width), ("in_dim", net.input_dim)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if net.norm not in NORMS:
         raise ValueError(f"unknown norm {net.norm!r}; expected one of: {', '.join(NORMS)}")
-    if net.weight_init not in INITIALIZERS:
+    if net.weight_init not in initializers:
         raise ValueError(
-            f"unknown weight_init {net.weight_init!r}; expected one of: {', '.join(INITIALIZERS)}"
+            f"unknown weight_init {net.weight_init!r} for a {type(net).__name__}; expected "
+            f"one of: {', '.join(initializers)}"
         )
     steps = net.order.split("-")
     if sorted(steps) != sorted(STEPS):

@@ -136,7 +136,7 @@ def test_cifar_shaped_gsc_goes_matrix_free(key):
 
 
 def test_conv_bad_input(key):
-    with pytest.raises(ValueError, match="unknown weight_init 'glorot' for a conv net"):
+    with pytest.raises(ValueError, match="unknown weight_init .glorot. for a ConvNetwork"):
         jl.convnet(2, 4, "relu", weight_init="glorot")
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         jl.convnet(2, 4, "relu", kernel_size=2)
