@@ -405,20 +405,21 @@ def gsc_over_seeds(
             "jacobian_lab Network; for a chain, call gsc once per set of params"
         )
     xs = samples(net, x)
-    params0 = net.init(keys[0])
+    # Parameters are drawn outside the sharded program: compiling the draw into it made
+    # XLA's compile of the looks-linear (batched QR) initializer hang on CPU.
+    params = jax.vmap(net.init)(keys)
+    params0 = jax.tree_util.tree_map(lambda a: a[0], params)
     if choose_method(method, _dense_gsc_bytes(net, params0, xs), memory_budget) == "dense":
-        g = map_over_devices(
-            lambda k: _gsc_to_output(net, net.init(k), xs)[0], keys, devices=devices
-        )
+        g = map_over_devices(lambda p: _gsc_to_output(net, p, xs)[0], params, devices=devices)
     else:
         sizes = _gsc_sizes(net, params0, xs)
         probe_key = jax.random.PRNGKey(0) if key is None else key
 
-        def one(k):
-            sq, _, lengths = _gsc_estimate(net, net.init(k), xs, probe_key, num_probes)
+        def one(p):
+            sq, _, lengths = _gsc_estimate(net, p, xs, probe_key, num_probes)
             return jnp.sqrt(sq / sizes.astype(sq.dtype)) * lengths / lengths[:, :1]
 
-        g = map_over_devices(one, keys, devices=devices)
+        g = map_over_devices(one, params, devices=devices)
     bad = ~jnp.all(jnp.isfinite(g), axis=(1, 2))
     if bool(jnp.any(bad)):
         i = int(jnp.argmax(bad))
