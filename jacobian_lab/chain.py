@@ -90,10 +90,7 @@ class Chain:
 
     def apply(self, params: Sequence[Any], x: Any) -> Any:
         """The chain on one sample ``x`` (no sample axis); returns ``f_0``."""
-        h = x
-        for a, p in zip(self.applies, params, strict=True):
-            h = _apply_layer(a, p, h)[0]
-        return h
+        return forward(self, params, x)[0]
 
 
 def _apply_layer(a, p, h):
