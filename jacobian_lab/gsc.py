@@ -157,12 +157,15 @@ def _gsc_sizes(net: Network | Chain, params: Params, xs) -> jax.Array:
 
 
 def _dense_gsc_bytes(net: Network | Chain, params: Params, xs) -> int:
-    """Memory of the dense GSC: every layer's Jacobian and its running product, all samples."""
+    """Memory of the dense GSC: every layer's Jacobian and the running product
+    ``d f_0 / d f_k``, for all samples, twice over for the forward-mode intermediates."""
     sizes = _layer_sizes(net, params, xs)
-    S = jax.tree_util.tree_leaves(xs)[0].shape[0]
-    itemsize = jnp.dtype(jax.tree_util.tree_leaves(xs)[0].dtype).itemsize
-    pairs = sum(a * b for a, b in zip(sizes[:-1], [*sizes[:-2], sizes[-1]], strict=True))
-    return 2 * S * itemsize * (pairs + sizes[-2] ** 2)
+    outs, x_size = sizes[:-1], sizes[-1]  # forward order, then the input
+    ins = [x_size, *outs[:-1]]
+    layer_jacobians = sum(o * i for o, i in zip(outs, ins, strict=True))
+    running = outs[-1] * max(ins)
+    leaf = jax.tree_util.tree_leaves(xs)[0]
+    return 2 * leaf.shape[0] * jnp.dtype(leaf.dtype).itemsize * (layer_jacobians + running)
 
 
 def _tapped_forward(net: Network | Chain, params: Params, x, eps):

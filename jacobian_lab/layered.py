@@ -141,17 +141,22 @@ def _stack_chain(chain: Chain, cp) -> LayerJacobians:
     return LayerJacobians(units, cp.units[0], outputs, cp.inputs)
 
 
-def layer_jacobians(net: Network, params: Params, x: jax.Array) -> LayerJacobians:
+def layer_jacobians(net: Network | Chain, params: Params, x: jax.Array) -> LayerJacobians:
     """Every layer's Jacobian with respect to the layer below it, from one forward pass.
 
     Args:
-        net: the network description.
-        params: its parameters (``net.init(key)``).
-        x: inputs ``(B, in_dim)`` (or ``(S, B, in_dim)`` batches for batch norm).
+        net: the network description (a :class:`~jacobian_lab.Network` or
+            :class:`~jacobian_lab.ConvNetwork`; or a :class:`~jacobian_lab.Chain` whose
+            layers after the first all keep one size).
+        params: its parameters (``net.init(key)``, or the params from ``chain``).
+        x: inputs ``(B, in_dim)`` (or ``(S, B, in_dim)`` batches for batch norm; images
+            ``(B, H, W, C)`` for a conv net; a pytree with a leading sample axis for a
+            chain).
 
     Returns:
-        :class:`LayerJacobians` (shapes there). Raises ``FloatingPointError`` naming the
-        first layer (from the input) whose output or Jacobian is not finite.
+        :class:`LayerJacobians` (shapes there; ``d`` is the flat size of a layer's value).
+        Raises ``FloatingPointError`` naming the first layer (from the input) whose output
+        or Jacobian is not finite.
     """
     lj = _layer_jacobians(net, params, samples(net, x))
     check_layers_finite(layer_finite(lj), net)
@@ -246,7 +251,7 @@ def _pair_jacobians(net: Network, params: Params, xs: jax.Array):
     return PairJacobians(*jax.vmap(one)(lj)), layer_finite(lj)
 
 
-def layer_to_layer_jacobians(net: Network, params: Params, x: jax.Array) -> PairJacobians:
+def layer_to_layer_jacobians(net: Network | Chain, params: Params, x: jax.Array) -> PairJacobians:
     """Every layer-to-layer Jacobian J_k^l of ``net`` at ``x``, from one pass.
 
     Memory is ``S * L^2 * d^2`` numbers: for large depths use :func:`jacobian_lab.gsc_matrix`,
@@ -272,7 +277,7 @@ def _input_to_layer_jacobians(net: Network, params: Params, xs: jax.Array):
     return jax.vmap(one)(lj.units, lj.stem), layer_finite(lj)
 
 
-def input_to_layer_jacobians(net: Network, params: Params, x: jax.Array) -> jax.Array:
+def input_to_layer_jacobians(net: Network | Chain, params: Params, x: jax.Array) -> jax.Array:
     """The Jacobian of every layer with respect to the input, from one pass.
 
     ``result[s, l] = d f_l / d x`` is the input-output Jacobian of the prefix network of

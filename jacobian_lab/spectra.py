@@ -5,6 +5,7 @@ All functions take batches: any leading axes (inputs, seeds, layers) are kept.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -202,9 +203,9 @@ def jacobian_spectrum(
         slq_spectrum,
     )
 
-    shape_in = sum(int(jnp.size(v)) for v in jax.tree_util.tree_leaves(x))
+    shape_in = sum(math.prod(jnp.shape(v)) for v in jax.tree_util.tree_leaves(x))
     out = jax.eval_shape(fn, x)
-    shape_out = sum(int(jnp.size(jnp.zeros(v.shape))) for v in jax.tree_util.tree_leaves(out))
+    shape_out = sum(math.prod(v.shape) for v in jax.tree_util.tree_leaves(out))
     dtype = jax.tree_util.tree_leaves(x)[0].dtype
     chosen = choose_method(method, dense_bytes((shape_out, shape_in), dtype), memory_budget)
     key = jax.random.PRNGKey(0) if key is None else key
