@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from jacobian_lab._checks import is_traced
 from jacobian_lab.chain import Chain, chain_pass
 from jacobian_lab.chain import forward as chain_forward
 from jacobian_lab.layered import (
@@ -206,7 +207,14 @@ def _gsc_estimate(net, params, xs, keys, num_probes: int):
     def one(x, key):
         eps0 = _zeros_like_outputs(net, params, x)
         (out, outs), vjp = jax.vjp(lambda v, e: _tapped_forward(net, params, v, e), x, eps0)
-        probes = jax.random.rademacher(key, (num_probes, *out.shape), out.dtype)
+        leaves, treedef = jax.tree_util.tree_flatten(out)  # a chain's output may be a pytree
+        probes = jax.tree_util.tree_unflatten(
+            treedef,
+            [
+                jax.random.rademacher(k, (num_probes, *v.shape), v.dtype)
+                for k, v in zip(jax.random.split(key, len(leaves)), leaves, strict=True)
+            ],
+        )
         zero_outs = jax.tree_util.tree_map(jnp.zeros_like, outs)
         g_x, g_eps = jax.vmap(lambda u: vjp((u, zero_outs)))(probes)
         # ||J_k^0 ^T u||^2 per probe and layer, forward order, then the input
@@ -222,6 +230,19 @@ def _gsc_estimate(net, params, xs, keys, num_probes: int):
 
     xs_keys = jax.random.split(keys, jax.tree_util.tree_leaves(xs)[0].shape[0])
     return jax.vmap(one)(xs, xs_keys)
+
+
+def _estimate_finite(sq: jax.Array, lengths: jax.Array) -> jax.Array:
+    """``(L,)`` per-layer finiteness (GSC order, as :func:`layer_finite`) for the
+    matrix-free pass: a layer whose output went non-finite in the forward pass; else, the
+    layer whose Jacobian first made the backward pass non-finite, counted from the output
+    (everything below it inherits the NaN, so only the first counts)."""
+    ok = jnp.all(jnp.isfinite(lengths[:, :-1]), axis=0)
+    bad_back = ~jnp.all(jnp.isfinite(sq), axis=0)  # (L+1,): g_k = J^T g_{k-1}
+    if is_traced(sq) or not bool(jnp.all(ok)) or not bool(jnp.any(bad_back)):
+        return ok
+    k = int(jnp.argmax(bad_back))  # g_{k-1} finite, g_k not: the layer making f_{k-1}
+    return ok.at[k - 1].set(False)
 
 
 def gsc_estimate(
@@ -251,8 +272,7 @@ def gsc_estimate(
     xs = samples(net, x)
     sq, sq_se, lengths = _gsc_estimate(net, params, xs, key, num_probes)
     sizes = _gsc_sizes(net, params, xs).astype(sq.dtype)
-    ok = jnp.all(jnp.isfinite(sq), axis=0) & jnp.all(jnp.isfinite(lengths), axis=0)
-    check_layers_finite(ok[:-1], net)
+    check_layers_finite(_estimate_finite(sq, lengths), net)
     value = jnp.sqrt(sq / sizes) * lengths / lengths[:, :1]
     error = value * sq_se / (2 * sq)
     return Estimate(value, error)

@@ -47,7 +47,8 @@ class Estimate(NamedTuple):
 
     def interval(self, z: float = 1.96) -> tuple[jax.Array, jax.Array]:
         """``(value - z error, value + z error)``: a 95% confidence interval for a standard
-        error with the default ``z``."""
+        error with the default ``z``; for a Lanczos residual bound use ``z=1`` (an interval
+        that surely holds a singular value)."""
         return self.value - z * self.error, self.value + z * self.error
 
 
@@ -150,8 +151,8 @@ def frobenius_norm_sq(
             standard error from the probes' spread (well calibrated). ``"xrownorms"``:
             matfree's leave-one-out XRowNorm estimator, far more accurate when the singular
             values decay, slightly worse when they are flat; its standard error tends to be
-            optimistic by 1.3-2.5x. It needs ``3 num_probes < n`` (otherwise it computes
-            ``J`` exactly and reports error 0).
+            optimistic by 1.3-2.5x. It needs ``num_probes <= n``, and ``3 num_probes < n``
+            to be an estimate (otherwise matfree computes ``J`` exactly and reports error 0).
 
     Returns:
         :class:`Estimate` (scalars). The qm norm is ``sqrt(value / n)``.
@@ -184,7 +185,8 @@ class ExtremeSingularValues(NamedTuple):
             converged it is the largest one.
         smallest: :class:`Estimate` of ``sigma_min`` over ``min(m, n)`` values; the Ritz
             value is an upper bound that converges slowly (exact at ``num_matvecs = min(m,
-            n)``).
+            n)``); its ``error`` bounds the distance to *some* singular value, which is
+            ``sigma_min`` only once the Ritz value has converged.
         condition_number: ``largest / smallest`` (their values).
         num_matvecs: Lanczos steps taken.
     """
@@ -208,22 +210,27 @@ def extreme_singular_values(
     """Largest and smallest singular value of ``J = d fn / d x`` by Golub-Kahan-Lanczos
     bidiagonalization (matfree ``decomp.bidiag``, full reorthogonalization).
 
-    ``k = min(num_matvecs, m, n)`` steps give ``J V_k = U_k B_k``; the singular values
-    ``theta_i`` of the small bidiagonal ``B_k`` (Ritz values) lie in the range of ``J``'s.
-    The residual bound: some singular value of ``J`` lies within ``beta_{k+1} |y_i[-1]|`` of
-    ``theta_i``, with ``y_i`` the right singular vector of ``B_k`` and ``beta_{k+1}`` the
-    norm of matfree's residual.
+    ``k = min(num_matvecs, m, n)`` steps give ``J V_k = U_k B_k`` and
+    ``J^T U_k = V_k B_k^T + beta_{k+1} v_{k+1} e_k^T``; the singular values ``theta_i`` of
+    the small bidiagonal ``B_k`` (Ritz values) lie in the range of ``J``'s. With
+    ``B_k = P diag(theta) Q^T``, the residual bound: some singular value of ``J`` lies within
+    ``beta_{k+1} |P[k, i]|`` of ``theta_i`` (the last entry of the *left* singular vector;
+    ``beta_{k+1}`` is the norm of matfree's residual). A wide ``J`` (``m < n``) is
+    bidiagonalized as ``J^T``, so that the smallest Ritz value approaches
+    ``s_min(m, n)`` rather than the zeros of the null space.
 
     Returns:
         :class:`ExtremeSingularValues`. Costs ``k`` JVPs and ``k`` VJPs.
     """
     op = jacobian_operator(fn, x)
+    if op.shape[0] < op.shape[1]:  # wide: the same singular values, without the null space
+        op = Operator(op.vecmat, op.matvec, op.shape[::-1], op.dtype)
     v0 = jax.random.normal(key, (op.shape[1],), op.dtype)
     res, k = _bidiagonalize(op, v0, num_matvecs)
-    _, s, Vt = jnp.linalg.svd(res.J_small)
+    P, s, _ = jnp.linalg.svd(res.J_small)
     beta = jnp.linalg.norm(res.residual)
     beta = jnp.where(jnp.isfinite(beta), beta, 0.0)  # exhausted space: residual 0/0
-    bound = beta * jnp.abs(Vt[:, -1])
+    bound = beta * jnp.abs(P[-1, :])
     cast = lambda a: a.astype(op.dtype)  # noqa: E731
     largest = Estimate(cast(s[0]), cast(bound[0]))
     smallest = Estimate(cast(s[-1]), cast(bound[-1]))

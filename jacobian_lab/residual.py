@@ -227,7 +227,9 @@ def block_jacobian_stats(
 
     Returns:
         :class:`BlockJacobianStats`; the block axis has length ``net.num_units``
-        (``depth`` blocks; GSC-paper indexing, block 0 produces the output).
+        (``depth`` blocks; GSC-paper indexing, block 0 produces the output); for a chain,
+        the number of its residual layers (or of its square layers when it has none),
+        nearest the output first.
     """
     impl = _chain_block_stats if isinstance(net, Chain) else _block_stats
     stats, ok = impl(net, params, samples(net, x), key)

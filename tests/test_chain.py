@@ -139,6 +139,10 @@ def test_block_with_a_projection_skip(key):
     )
     xs = _x(3, 4)
     pyth = jl.pythagorean_decomposition(ch, params, xs)
+    np.testing.assert_allclose(pyth.skip_sq[:, 0], jnp.sum((xs @ P.T) ** 2, -1), rtol=1e-13)
+    np.testing.assert_allclose(
+        pyth.branch_sq[:, 0], jnp.sum(jnp.tanh(xs @ W.T) ** 2, -1), rtol=1e-13
+    )
     np.testing.assert_allclose(pyth.sum_sq, pyth.skip_sq + pyth.branch_sq + pyth.cross, rtol=1e-13)
     bg = jl.block_gsc(ch, params, xs)
     for s in range(3):

@@ -59,31 +59,34 @@ def test_orthogonal_kernels_have_orthonormal_rows(key, init):
     W = jl.convnets.conv_kernel(key, init, 3, 4, 8, sigma_w=2.0, dtype=jnp.float64)
     assert W.shape == (3, 3, 4, 8)
     M = W.reshape(36, 8).T
-    if init == "delta_orthogonal":
-        np.testing.assert_allclose(
-            W[1, 1].T @ W[1, 1] if 4 >= 8 else W[1, 1] @ W[1, 1].T, 4.0 * np.eye(4), atol=1e-12
-        )
+    if init == "delta_orthogonal":  # centre tap (4, 8): orthonormal rows times sigma_w
+        np.testing.assert_allclose(W[1, 1] @ W[1, 1].T, 4.0 * np.eye(4), atol=1e-12)
         assert float(jnp.sum(jnp.abs(W)) - jnp.sum(jnp.abs(W[1, 1]))) == 0.0
     else:
         np.testing.assert_allclose(M @ M.T, 4.0 * np.eye(8), atol=1e-12)
 
 
 def test_he_kernel_variance(key):
-    """He: entries N(0, 2 / (k^2 C_in)); the sample variance of 9*16*64 = 9216 entries is
-    within 4% (4 standard errors of sqrt(2/9216) = 1.5%)."""
+    """He: entries N(0, 2 / (k^2 C_in)); the relative standard error of the sample
+    variance of 9*16*64 = 9216 entries is sqrt(2/9216) = 1.5%: tolerance 6% (4 of them)."""
     W = jl.convnets.conv_kernel(key, "he", 3, 16, 64, dtype=jnp.float64)
     np.testing.assert_allclose(jnp.var(W), 2.0 / (9 * 16), rtol=0.06)
 
 
 def test_he_relu_convnet_keeps_the_gsc_near_one_per_layer(key):
     """Mean field: He-initialized ReLU layers have chi_1 = 1, so the qm norm of the
-    Jacobian and the lengths stay O(1) with depth; GSC(L, 0) ~ 1 up to finite-size
-    fluctuation (16 channels x 64 pixels per layer)."""
+    Jacobian and the lengths stay O(1) with depth and the per-layer rate GSC(L, 0)^(1/L)
+    is 1 up to finite size. Measured over 12 seeds: 1.027 +- 0.036 per seed (a +0.03
+    finite-size offset); the mean of 4 seeds has standard error 0.018, so |rate - 1| < 0.1
+    holds the offset plus 4 standard errors, and rejects sigma_w^2 = 1 or 4 (rate ~0.7 or
+    ~1.4)."""
     net = jl.convnet(8, 16, "relu", image_size=8, in_channels=3)
     x = _images(4, 8, 3).astype(jnp.float32)
-    g = jl.gsc(net, net.init(key), x)
-    rate = float(jnp.exp(jnp.mean(jnp.log(g[:, -1])) / 8))
-    assert 0.85 < rate < 1.15
+    rates = [
+        jnp.exp(jnp.mean(jnp.log(jl.gsc(net, net.init(k), x)[:, -1])) / 8)
+        for k in jax.random.split(key, 4)
+    ]
+    assert abs(float(jnp.mean(jnp.array(rates))) - 1.0) < 0.1
 
 
 def test_layer_norm_normalizes_each_image_and_batch_norm_each_channel(key):
@@ -104,16 +107,24 @@ def test_layer_norm_normalizes_each_image_and_batch_norm_each_channel(key):
 
 
 def test_residual_diagnostics_on_a_conv_resnet(key):
-    """Pythagorean identity exact per image; block GSC (dense) equals the matrix-free
-    estimate within its error; every diagnostic takes image inputs."""
+    """On images: the Pythagorean terms are those of the stream's values, the block GSC
+    equals qm(J) ||f_1|| / ||f_0|| with J by jax.jacfwd of the last block, and the
+    matrix-free GSC agrees with the dense one within its error."""
     net = jl.resconvnet(3, 4, "relu", image_size=4, in_channels=3, norm="layer", dtype="float64")
     p = net.init(key)
     x = _images(2, 4, 3)
     d = jl.pythagorean_decomposition(net, p, x)
     assert d.skip_sq.shape == (2, 3)
+    acts = net.activations(p, x)  # (L, 2, 4, 4, 4): acts[l] = f_l
+    np.testing.assert_allclose(d.skip_sq[:, 0], jnp.sum(acts[1] ** 2, axis=(1, 2, 3)), rtol=1e-12)
     np.testing.assert_allclose(d.sum_sq, d.skip_sq + d.branch_sq + d.cross, rtol=1e-12)
     bg = jl.block_gsc(net, p, x)
     assert bg.gsc.shape == (2, 3)
+    last = jax.tree_util.tree_map(lambda a: a[-1], p["units"])
+    f1 = acts[1][0]
+    J = jax.jacfwd(lambda v: net.unit(last, v.reshape(1, 4, 4, 4)).ravel())(f1.ravel())
+    expected = jnp.linalg.norm(J) / 8.0 * jnp.linalg.norm(f1) / jnp.linalg.norm(acts[0][0])
+    np.testing.assert_allclose(bg.gsc[0, 0], expected, rtol=1e-10)
     stats = jl.block_jacobian_stats(net, p, x, key)
     assert stats.singular_values.shape == (2, 3, 64)
     dense = jl.gsc(net, p, x, method="dense")
@@ -140,7 +151,7 @@ def test_conv_bad_input(key):
         jl.convnet(2, 4, "relu", weight_init="glorot")
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         jl.convnet(2, 4, "relu", kernel_size=2)
-    with pytest.raises(ValueError, match="unknown activation|activation"):
+    with pytest.raises(ValueError, match="unknown activation"):
         jl.convnet(2, 4, "relux")
     net = jl.convnet(2, 4, "relu", image_size=8)
     with pytest.raises(ValueError, match=r"images of shape \(batch, 8, 8, 3\) \(NHWC\)"):

@@ -68,6 +68,23 @@ def test_extreme_singular_values_match_the_svd(key):
     np.testing.assert_allclose(full.condition_number, s[0] / s[-1], rtol=1e-8)
 
 
+@pytest.mark.parametrize("shape", [(60, 80), (80, 60), (20, 50)])
+def test_lanczos_residual_bounds_hold_before_convergence(key, shape):
+    """After 5 and 10 steps (far from converged), each reported Ritz value lies within its
+    residual bound of some singular value; a wide J (m < n) still finds s_min(m, n), not
+    the zeros of its null space, once k = min(m, n)."""
+    A = jax.random.normal(key, shape, jnp.float64)
+    s = np.linalg.svd(A, compute_uv=False)
+    fn, x = (lambda v: A @ v), jnp.zeros(shape[1])
+    for k in (5, 10):
+        ext = jl.extreme_singular_values(fn, x, jax.random.PRNGKey(1), k)
+        for est in (ext.largest, ext.smallest):
+            assert np.min(np.abs(s - float(est.value))) <= float(est.error) * (1 + 1e-9)
+        assert float(ext.smallest.value) >= s[-1] - 1e-12
+    full = jl.extreme_singular_values(fn, x, jax.random.PRNGKey(1), min(shape))
+    np.testing.assert_allclose(full.smallest.value, s[-1], rtol=1e-8)
+
+
 def test_extreme_singular_values_of_a_float32_jacobian_under_x64(key):
     """matfree's bidiagonalization allocates at the default float; the float32 operator is
     cast, and the result comes back as float32."""
@@ -156,6 +173,50 @@ def test_gsc_estimate_agrees_with_dense_within_its_error(key, kind):
     assert float(jnp.max(jnp.abs(z))) < 4.5
     rel = est.error[:, 1:] / dense[:, 1:]
     assert 0.002 < float(jnp.median(rel)) < 0.1  # ~ sqrt(var / 256): errors are informative
+
+
+def test_gsc_estimate_on_a_chain_of_images_and_pytrees(key):
+    """Matrix-free GSC of a chain whose input is an image and whose layers return a dict
+    (the output too): agrees with the dense GSC within its error (|z| < 4.5)."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    conv = jax.random.normal(k1, (3, 3, 2, 3), jnp.float64) / 3.0
+    W1 = jax.random.normal(k2, (12, 75), jnp.float64) / 8.0
+    W2 = jax.random.normal(k3, (10, 12), jnp.float64) / 3.0
+
+    def conv_layer(w, img):  # (5, 5, 2) -> (5, 5, 3)
+        out = jax.lax.conv_general_dilated(
+            img[None], w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.tanh(out[0])
+
+    def split(W, img):  # image -> {"a": (6,), "b": (2, 3)}
+        h = jnp.tanh(W @ img.ravel())
+        return {"a": h[:6], "b": h[6:].reshape(2, 3)}
+
+    def head(W, t):  # dict -> dict
+        h = W @ jnp.concatenate([t["a"], t["b"].ravel()])
+        return {"out": jnp.sin(h[:7]), "aux": h[7:]}
+
+    ch, params = jl.chain([(conv_layer, conv), (split, W1), (head, W2)])
+    xs = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 5, 2), jnp.float64)
+    dense = jl.gsc(ch, params, xs, method="dense")
+    est = jl.gsc_estimate(ch, params, xs, jax.random.PRNGKey(3), 256)
+    assert est.value.shape == dense.shape == (2, 4)
+    assert float(jnp.max(jnp.abs((est.value - dense)[:, 1:] / est.error[:, 1:]))) < 4.5
+
+
+def test_gsc_estimate_names_the_layer_that_went_non_finite(key):
+    """A NaN in the forward pass is named at its layer, and so is a Jacobian that is only
+    non-finite in the backward pass (sqrt at 0), not the layers below that inherit it."""
+    W = jnp.eye(3)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 3), jnp.float64)
+    for bad in (lambda p, h: jnp.log(h - 10.0), lambda p, h: jnp.sqrt(jnp.abs(h) * 0.0)):
+        ch, params = jl.chain(
+            [(lambda W, h: W @ h, W), (bad, ()), (lambda p, h: jnp.sin(h), ())],
+            names=["lin", "bad", "sin"],
+        )
+        with pytest.raises(FloatingPointError, match=r"layer 1 \('bad'\) of the chain"):
+            jl.gsc_estimate(ch, params, x, jax.random.PRNGKey(0), 4)
 
 
 def test_gsc_auto_goes_matrix_free_beyond_the_memory_budget(key):
