@@ -2,7 +2,7 @@
 against width and number of probes, the crossover, and a CIFAR-shaped conv Jacobian.
 
 Run by hand:  python benchmarks/matrix_free_vs_dense.py [--widths 64 256 1024 2048]
-              [--probes 16 64 256] [--depth 10] [--skip-conv]
+              [--probes 16 64 256] [--depth 10] [--skip-conv] [--skip-mlp]
 
 MLP part (tanh, sigma_w = 1, depth 10, one input, float32):
 * GSC(L, 0) to the output, dense (``jl.gsc(method="dense")``) vs matrix-free
@@ -146,9 +146,11 @@ def main() -> None:
     ap.add_argument("--probes", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--depth", type=int, default=10)
     ap.add_argument("--skip-conv", action="store_true")
+    ap.add_argument("--skip-mlp", action="store_true")
     args = ap.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-    mlp_part(args.widths, args.probes, args.depth)
+    if not args.skip_mlp:
+        mlp_part(args.widths, args.probes, args.depth)
     if not args.skip_conv:
         conv_part()
 
