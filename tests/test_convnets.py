@@ -156,3 +156,19 @@ def test_conv_bad_input(key):
     net = jl.convnet(2, 4, "relu", image_size=8)
     with pytest.raises(ValueError, match=r"images of shape \(batch, 8, 8, 3\) \(NHWC\)"):
         jl.gsc(net, net.init(key), jnp.ones((2, 8, 8, 4)))
+
+
+def test_domain_statistics_of_an_isometric_conv_net_keep_the_input_cosine(key):
+    """A linear delta-orthogonal CNN (sigma_w = 1) is an isometry of the flattened image,
+    so the mean pairwise cosine between examples is the input's at every layer."""
+    net = jl.convnet(
+        3,
+        4,
+        "linear",
+        image_size=4,
+        in_channels=4,
+        weight_init="delta_orthogonal",
+        dtype="float64",
+    )
+    d = jl.domain_statistics(net, net.init(key), _images(3, 4, 4))
+    np.testing.assert_allclose(d.cosine, d.cosine[-1], rtol=1e-10)
