@@ -175,6 +175,7 @@ def _tapped_forward(net: Network | Chain, params: Params, x, eps):
     forward order, so ``d f_0 / d eps_i = d f_0 / d f_{L-1-i}``."""
     if isinstance(net, Chain):
         return chain_forward(net, params, x, eps)
+    # Network.apply's stem-then-scan, with a tap on every layer's output
     h0 = net.stem(params, x)
     if eps is not None:
         h0 = h0 + eps[0]

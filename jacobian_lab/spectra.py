@@ -12,7 +12,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab.matrix_free import Estimate
+from jacobian_lab.jacobians import jacobian
+from jacobian_lab.matrix_free import (
+    Estimate,
+    choose_method,
+    dense_bytes,
+    extreme_singular_values,
+    slq_spectrum,
+)
 
 
 def singular_values(J: jax.Array) -> jax.Array:
@@ -195,14 +202,6 @@ def jacobian_spectrum(
     Returns:
         :class:`Spectrum`.
     """
-    from jacobian_lab.jacobians import jacobian
-    from jacobian_lab.matrix_free import (
-        choose_method,
-        dense_bytes,
-        extreme_singular_values,
-        slq_spectrum,
-    )
-
     shape_in = sum(math.prod(jnp.shape(v)) for v in jax.tree_util.tree_leaves(x))
     out = jax.eval_shape(fn, x)
     shape_out = sum(math.prod(v.shape) for v in jax.tree_util.tree_leaves(out))
