@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from analyses import ANALYSES
-from jacobian_lab.cli import main
+from jacobian_lab.experiments.cli import main
+from jacobian_lab.experiments.registry import ANALYSES
 
 TINY = ["report", "--size", "tiny"]
 

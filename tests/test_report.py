@@ -3,11 +3,11 @@ import math
 
 import pytest
 
-from jacobian_lab.report import (
+from jacobian_lab.experiments.report import (
     Analysis,
     Verdict,
-    _jsonable,
     analysis_config,
+    jsonable,
     run_analysis,
     script_main,
     write_report,
@@ -26,7 +26,7 @@ def _toy(calls, interrupt_at=None):
     def plot(data, folder, formats):
         import matplotlib.pyplot as plt
 
-        from jacobian_lab.plotting import save_figure
+        from jacobian_lab.experiments.plotting import save_figure
 
         fig, ax = plt.subplots()
         ax.plot([r["square"] for r in data["table"]])
@@ -83,14 +83,14 @@ def test_config_overrides_and_their_checks():
 def test_jsonable_turns_arrays_and_non_finite_values_into_json():
     import numpy as np
 
-    assert _jsonable({"a": np.array([1.0, np.inf]), "b": (np.float32(2.0), np.bool_(True))}) == {
+    assert jsonable({"a": np.array([1.0, np.inf]), "b": (np.float32(2.0), np.bool_(True))}) == {
         "a": [1.0, None],
         "b": [2.0, True],
     }
 
 
 def test_script_entry_point_runs_an_analysis(tmp_path, capsys):
-    from analyses import path_lengths
+    from jacobian_lab.experiments import path_lengths
 
     assert (
         script_main(

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from jacobian_lab.runner import load_records, prepare_output_dir, run_sweep
+from jacobian_lab.experiments.runner import load_records, prepare_output_dir, run_sweep
 
 
 def test_interrupted_sweep_resumes_without_redoing_finished_work(tmp_path):

@@ -7,7 +7,7 @@ import sys
 import time
 
 from jacobian_lab import __version__
-from jacobian_lab.report import (
+from jacobian_lab.experiments.report import (
     add_analysis_arguments,
     analysis_config,
     enable_precision,
@@ -15,11 +15,11 @@ from jacobian_lab.report import (
     run_analysis,
     write_report,
 )
-from jacobian_lab.runner import prepare_output_dir
+from jacobian_lab.experiments.runner import prepare_output_dir
 
 
 def _analyses() -> dict:
-    from analyses import ANALYSES  # the scripts in analyses/, installed beside the library
+    from jacobian_lab.experiments.registry import ANALYSES  # imports every analysis
 
     return ANALYSES
 

@@ -1,11 +1,12 @@
 """Analyses with verdicts, and the report page that collects them.
 
-An :class:`Analysis` (one per script in ``analyses/``) states an experiment: its
-configurations at a few sizes, how to compute one configuration (the unit that is saved as
-soon as it finishes and skipped when a run resumes), how to summarize the records into the
-numbers that are saved, how to plot from those saved numbers, and which verdicts they
-decide. :func:`run_analysis` runs one into ``<out>/<name>/``; :func:`write_report` collects
-several into ``report.md`` and ``report.html``.
+An :class:`Analysis` (one per module of :mod:`jacobian_lab.experiments`, each also a
+script in ``analyses/``) states an experiment: its configurations at a few sizes, how to
+compute one configuration (the unit that is saved as soon as it finishes and skipped when
+a run resumes), how to summarize the records into the numbers that are saved, how to plot
+from those saved numbers, and which verdicts they decide. :func:`run_analysis` runs one
+into ``<out>/<name>/``; :func:`write_report` collects several into ``report.md`` and
+``report.html``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jacobian_lab.plotting import FIGURE_FORMATS
-from jacobian_lab.runner import prepare_output_dir, run_sweep
+from jacobian_lab.experiments.plotting import FIGURE_FORMATS
+from jacobian_lab.experiments.runner import prepare_output_dir, run_sweep
 
 SIZES = ("tiny", "small", "paper")
 """``tiny``: seconds, for tests; ``small``: minutes on a 2-core CPU (the default);
@@ -106,14 +107,14 @@ def analysis_config(analysis: Analysis, size: str = "small", **overrides: Any) -
     return config
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Nested lists/dicts of plain floats, with non-finite floats as None (valid JSON)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if hasattr(value, "tolist"):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -155,7 +156,7 @@ def run_analysis(
     t0 = time.perf_counter()
     units = analysis.configs(config)
     records = list(run_sweep(units, analysis.compute, folder / "records.jsonl", log=log))
-    data = _jsonable(analysis.summarize(config, records))
+    data = jsonable(analysis.summarize(config, records))
     payload = {"analysis": analysis.name, "config": config, **environment(), "data": data}
     json_path = folder / f"{analysis.name}.json"
     json_path.write_text(json.dumps(payload, indent=1))
@@ -172,7 +173,7 @@ def run_analysis(
     saved = json.loads(json_path.read_text())["data"]  # plot and judge the saved numbers
     figures = analysis.plot(saved, folder, formats)
     verdicts = analysis.verdicts(saved)
-    payload["verdicts"] = _jsonable([v._asdict() for v in verdicts])
+    payload["verdicts"] = jsonable([v._asdict() for v in verdicts])
     json_path.write_text(json.dumps(payload, indent=1))
     seconds = time.perf_counter() - t0
     return AnalysisResult(

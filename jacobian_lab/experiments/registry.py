@@ -1,8 +1,8 @@
-"""The analyses behind ``jacobian-lab report``; each module is also a script
-(``python analyses/<name>.py --help``) and defines one :class:`jacobian_lab.report.Analysis`
-as ``ANALYSIS``."""
+"""The analyses behind ``jacobian-lab report``, by name, in report order. Each is also a
+script (``python analyses/<name>.py --help``) and defines one
+:class:`jacobian_lab.experiments.report.Analysis` as ``ANALYSIS``."""
 
-from analyses import (
+from jacobian_lab.experiments import (
     collapsing_domain,
     gsc_across_depth,
     jacobian_spectra,
