@@ -26,7 +26,7 @@ from jacobian_lab.experiments.report import Analysis, Verdict, script_main
 
 EXPLODING_RATE = 1.02  # per layer, as in gsc_across_depth
 
-PLAIN = [a for a in jl.paper_architectures(4, 4) if not a.startswith("resnet-")]
+PLAIN = [a for a in jl.paper_architectures(depth=4, width=4) if not a.startswith("resnet-")]
 SIZES = {
     "tiny": {"depths": [8], "widths": [16], "seeds": 2, "batch": 6},
     "small": {"depths": [50], "widths": [100], "seeds": 2, "batch": 8},
@@ -47,7 +47,9 @@ def configs(config: dict) -> list[dict]:
 
 
 def compute(unit: dict) -> dict:
-    net = jl.architecture(unit["arch"], unit["depth"], unit["width"], unit["dtype"])
+    net = jl.architecture(
+        unit["arch"], depth=unit["depth"], width=unit["width"], dtype=unit["dtype"]
+    )
     keys = jax.random.split(jax.random.PRNGKey(0), unit["seeds"])
     x = jax.random.normal(jax.random.PRNGKey(10_000), (unit["batch"], net.input_dim), net.dtype)
     stats = [jl.domain_statistics(net, net.init(k), x) for k in keys]

@@ -25,7 +25,7 @@ EXPLODING_RATE = 1.02
 """A family explodes when its fitted GSC growth rate per layer exceeds this (a factor
 e^(0.02 * 50) = 2.7 over the paper's 50 layers, and growing exponentially beyond)."""
 
-ALL = list(jl.paper_architectures(4, 4))
+ALL = list(jl.paper_architectures(depth=4, width=4))
 SIZES = {
     "tiny": {"archs": ALL, "depths": [8], "widths": [16], "seeds": 2, "batch": 4},
     "small": {"archs": ALL, "depths": [50], "widths": [100], "seeds": 3, "batch": 8},
@@ -52,7 +52,9 @@ def configs(config: dict) -> list[dict]:
 
 
 def compute(unit: dict) -> dict:
-    net = jl.architecture(unit["arch"], unit["depth"], unit["width"], unit["dtype"])
+    net = jl.architecture(
+        unit["arch"], depth=unit["depth"], width=unit["width"], dtype=unit["dtype"]
+    )
     keys = jax.random.split(jax.random.PRNGKey(0), unit["seeds"])
     x = jax.random.normal(jax.random.PRNGKey(10_000), (unit["batch"], net.input_dim), net.dtype)
     profiles = jl.gsc_over_seeds(net, keys, x).mean(axis=1)  # (seeds, L+1), mean over inputs

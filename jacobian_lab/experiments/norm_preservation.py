@@ -50,7 +50,7 @@ def _network(unit: dict) -> jl.Network:
     # ResNets of the zoo have depth // 2 two-layer blocks; a plain net of depth n + 1 has
     # n layers above its stem, one per residual block.
     depth = 2 * n if unit["arch"].startswith("resnet-") else n + 1
-    return jl.architecture(unit["arch"], depth, unit["width"], unit["dtype"])
+    return jl.architecture(unit["arch"], depth=depth, width=unit["width"], dtype=unit["dtype"])
 
 
 def compute(unit: dict) -> dict:

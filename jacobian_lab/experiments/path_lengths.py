@@ -44,7 +44,9 @@ def configs(config: dict) -> list[dict]:
 
 
 def compute(unit: dict) -> dict:
-    net = jl.architecture(unit["arch"], 2 * unit["blocks"], unit["width"], unit["dtype"])
+    net = jl.architecture(
+        unit["arch"], depth=2 * unit["blocks"], width=unit["width"], dtype=unit["dtype"]
+    )
     x = jax.random.normal(jax.random.PRNGKey(1), (unit["batch"], net.input_dim), net.dtype)
     results = [
         jl.path_gradients(net, net.init(k), x, jax.random.fold_in(k, 3), unit["num_paths"])

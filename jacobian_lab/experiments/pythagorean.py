@@ -89,7 +89,9 @@ def _from_input(a) -> list[float]:
 
 
 def compute(unit: dict) -> dict:
-    net = jl.architecture(unit["arch"], 2 * unit["blocks"], unit["width"], unit["dtype"])
+    net = jl.architecture(
+        unit["arch"], depth=2 * unit["blocks"], width=unit["width"], dtype=unit["dtype"]
+    )
     keys = jax.random.split(jax.random.PRNGKey(0), unit["seeds"])
     x = jax.random.normal(jax.random.PRNGKey(1), (unit["batch"], net.input_dim), net.dtype)
     d = jax.vmap(lambda k: jl.pythagorean_decomposition(net, net.init(k), x))(keys)

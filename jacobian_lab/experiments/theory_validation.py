@@ -187,7 +187,9 @@ def _q(unit: dict) -> dict:
 
 
 def _gsc(unit: dict) -> dict:
-    net = jl.architecture(unit["arch"], unit["depth"], unit["width"], unit["dtype"])
+    net = jl.architecture(
+        unit["arch"], depth=unit["depth"], width=unit["width"], dtype=unit["dtype"]
+    )
     x = _inputs(unit, net.input_dim, net.dtype)
     g = np.asarray(jl.gsc_over_seeds(net, _seeds(unit), x).mean(axis=1), float)  # (seeds, L+1)
     rates = np.asarray(jl.growth_rate(g).rate, float)
