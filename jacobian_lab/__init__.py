@@ -4,10 +4,22 @@ diagnostics of randomly initialized deep networks, in JAX.
 Conventions used throughout (see each function's docstring):
 layers are indexed as in the GSC paper (arXiv 1712.05577), ``f_0`` = output,
 ``f_L = x`` = input; ``J_k^l = d f_l / d f_k`` for ``k >= l``.
+
+Axis letters in the docstrings: ``S`` samples (inputs, or batches for batch-coupled
+models), ``B`` inputs in a batch, ``L`` layer outputs (``L + 1`` with the input), ``d``
+the flat size of a layer's value, ``P`` probes, ``n`` layers of a repeated stage.
+
+Every model is one representation (:mod:`jacobian_lab.model`): stages (a layer, a
+residual block, a repeated stage under ``lax.scan``) that one forward driver
+(:mod:`jacobian_lab.driver`) walks for every diagnostic. Modules by level: helpers
+(``checks``) -> activations, initializers -> models (``model``, ``networks``,
+``convnets``, ``chain``, ``adapters``, ``zoo``) -> driver, Jacobians, matrix-free ->
+diagnostics -> theory (``meanfield``, ``random_matrix``; imports activations only) ->
+``experiments`` (public API only).
 """
 
 from jacobian_lab.activations import ACTIVATIONS, get_activation
-from jacobian_lab.chain import Chain, Residual, chain
+from jacobian_lab.chain import Chain, Residual, chain, repeat
 from jacobian_lab.convnets import CONV_INITIALIZERS, ConvNetwork, convnet, resconvnet
 from jacobian_lab.domain import DomainStats, domain_statistics
 from jacobian_lab.gsc import (
@@ -41,6 +53,7 @@ from jacobian_lab.matrix_free import (
     slq_spectrum,
 )
 from jacobian_lab.meanfield import MeanField, critical_sigma_w, gsc_growth_rate, mean_field
+from jacobian_lab.model import Block, Layer, Model, Repeat
 from jacobian_lab.networks import Network, mlp, resmlp
 from jacobian_lab.paths import PathGradients, path_gradients
 from jacobian_lab.random_matrix import (
@@ -77,6 +90,7 @@ __all__ = [
     "CONV_INITIALIZERS",
     "INITIALIZERS",
     "SLQ",
+    "Block",
     "BlockGSC",
     "BlockJacobianStats",
     "Chain",
@@ -85,13 +99,16 @@ __all__ = [
     "Estimate",
     "ExtremeSingularValues",
     "GrowthRate",
+    "Layer",
     "LayerJacobians",
     "MeanField",
+    "Model",
     "Network",
     "Operator",
     "PairJacobians",
     "PathGradients",
     "Pythagorean",
+    "Repeat",
     "Residual",
     "Spectrum",
     "SpectrumSummary",
@@ -133,6 +150,7 @@ __all__ = [
     "prefix_singular_values",
     "pythagorean_decomposition",
     "qm_norm",
+    "repeat",
     "resconvnet",
     "resmlp",
     "singular_values",

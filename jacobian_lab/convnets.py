@@ -3,7 +3,7 @@
 A :class:`ConvNetwork` is a :class:`~jacobian_lab.networks.Network` whose "linear" step is
 a 2-D convolution (stride 1, ``SAME`` zero padding, so every layer keeps the image size)
 and whose inputs are images ``(B, H, W, C_in)`` (NHWC). Everything else is inherited:
-stem and stacked units under ``lax.scan``, the layer order, normalization, residual
+the stages (stem, repeated units under ``lax.scan``), the layer order, normalization, residual
 blocks, GSC-paper layer indexing. So every function that takes a ``Network`` takes a
 ``ConvNetwork``; a layer's value ``f_l`` is the image ``(H, W, channels)`` flattened in
 row-major order (index ``(h * W + w) * C + c``), and one layer-to-layer Jacobian of a
@@ -34,12 +34,13 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab.networks import Network, Params, _validate
+from jacobian_lab.model import Params
+from jacobian_lab.networks import Network, renamed_count, validate
 
 CONV_INITIALIZERS = ("gaussian", "he", "lecun", "orthogonal", "delta_orthogonal")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ConvNetwork(Network):
     """A (residual) CNN at initialization; build it with :func:`convnet` or
     :func:`resconvnet`. ``width`` is the number of channels, ``in_dim`` the input's
@@ -66,18 +67,19 @@ class ConvNetwork(Network):
         """Axes of one example (an image: 3)."""
         return 3
 
-    def check_input(self, x: jax.Array) -> None:
-        """Raise ``ValueError`` unless ``x`` is a batch of images ``(B, H, W, C_in)``."""
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
-            H, W, C = self.image_shape
-            raise ValueError(
-                f"expected a batch of images of shape (batch, {H}, {W}, {C}) (NHWC), got "
-                f"{tuple(x.shape)}; for one image use x[None]"
-            )
-        if self.batch_coupled and x.shape[0] < 2:
-            raise ValueError("batch norm needs a batch of at least 2 inputs")
+    @property
+    def example_shape(self) -> tuple[int, int, int]:
+        """Shape of one input image ``(H, W, C_in)``."""
+        return self.image_shape
+
+    @property
+    def hidden_shape(self) -> tuple[int, int, int]:
+        """Shape of one hidden image ``(H, W, channels)``."""
+        return (self.image_size, self.image_size, self.width)
 
     def _linear(self, p: Params, h: jax.Array) -> jax.Array:
+        one = h.ndim == 3  # one image; the driver's samples carry no batch axis
+        h = h[None] if one else h
         dt = jnp.result_type(h, p["W"])  # promote as a matmul would
         out = jax.lax.conv_general_dilated(
             h.astype(dt),
@@ -86,10 +88,8 @@ class ConvNetwork(Network):
             "SAME",
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        return out + p["b"]
-
-    def _norm_axes(self) -> tuple[int, ...]:
-        return (0, 1, 2) if self.batch_coupled else (1, 2, 3)
+        out = out + p["b"]
+        return out[0] if one else out
 
     def _layer_params(self, key, fan_in: int, fan_out: int, paired_input: bool) -> Params:
         k_w, k_b = jax.random.split(key)
@@ -128,7 +128,7 @@ def conv_kernel(
 
 
 def _validate_conv(net: ConvNetwork) -> None:
-    _validate(net, CONV_INITIALIZERS)
+    validate(net, CONV_INITIALIZERS)
     for name, value in (("image_size", net.image_size), ("kernel_size", net.kernel_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -162,15 +162,15 @@ def convnet(
         Other arguments as in :func:`jacobian_lab.mlp`.
     """
     return ConvNetwork(
-        depth,
-        channels,
-        activation,
-        in_channels,
-        norm,
-        order,
-        weight_init,
-        sigma_w,
-        sigma_b,
+        depth=depth,
+        width=channels,
+        activation=activation,
+        in_dim=in_channels,
+        norm=norm,
+        order=order,
+        weight_init=weight_init,
+        sigma_w=sigma_w,
+        sigma_b=sigma_b,
         dtype=dtype,
         name=name,
         image_size=image_size,
@@ -179,9 +179,9 @@ def convnet(
 
 
 def resconvnet(
-    depth: int,
-    channels: int,
-    activation: str,
+    num_blocks: int | None = None,
+    channels: int | None = None,
+    activation: str | None = None,
     *,
     block_layers: int = 2,
     residual_scale: float = 1.0,
@@ -196,26 +196,31 @@ def resconvnet(
     sigma_b: float = 0.0,
     dtype: str = "float32",
     name: str = "",
+    depth: int | None = None,
 ) -> ConvNetwork:
     """A residual CNN: a conv stem (``in_channels -> channels``, no activation), then
-    ``depth`` blocks ``f -> f + residual_scale * r(f)`` whose branch is ``block_layers``
-    conv layers (default pre-activation order norm -> act -> conv, He et al. 2016).
-    Arguments as in :func:`convnet` and :func:`jacobian_lab.resmlp`."""
+    ``num_blocks`` blocks ``f -> f + residual_scale * r(f)`` whose branch is
+    ``block_layers`` conv layers (default pre-activation order norm -> act -> conv, He et
+    al. 2016). Arguments as in :func:`convnet` and :func:`jacobian_lab.resmlp` (``depth``
+    is the deprecated alias of ``num_blocks``)."""
+    num_blocks = renamed_count(num_blocks, depth, "resconvnet")
+    if channels is None or activation is None:
+        raise TypeError("resconvnet() needs num_blocks, channels and activation")
     if block_layers < 1:
         raise ValueError(f"a residual network needs block_layers >= 1, got {block_layers}")
     return ConvNetwork(
-        depth,
-        channels,
-        activation,
-        in_channels,
-        norm,
-        order,
-        weight_init,
-        sigma_w,
-        sigma_b,
-        block_layers,
-        residual_scale,
-        block_order,
+        num_blocks=num_blocks,
+        width=channels,
+        activation=activation,
+        in_dim=in_channels,
+        norm=norm,
+        order=order,
+        weight_init=weight_init,
+        sigma_w=sigma_w,
+        sigma_b=sigma_b,
+        block_layers=block_layers,
+        residual_scale=residual_scale,
+        block_order=block_order,
         dtype=dtype,
         name=name,
         image_size=image_size,

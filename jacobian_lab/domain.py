@@ -23,7 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab.networks import Network, Params
+from jacobian_lab.driver import per_layer, trace
+from jacobian_lab.model import Layer, Model, Params, stage_size, unit_of
 
 
 class DomainStats(NamedTuple):
@@ -65,35 +66,51 @@ def sign_diversity(z: jax.Array) -> jax.Array:
     return jnp.mean(ratio, axis=-1)
 
 
-@partial(jax.jit, static_argnums=0)
-def _domain_statistics(net: Network, params: Params, x: jax.Array) -> DomainStats:
-    acts, z = net.activations_and_preactivations(params, x)  # one forward pass
-    # images (conv nets): every pixel-channel is a unit
-    acts, z = (a.reshape(*a.shape[:2], -1) for a in (acts, z))
-    cos_layers = mean_pairwise_cosine(acts)
+@partial(jax.jit, static_argnums=(0, 3))
+def _domain_statistics(model: Model, params: Params, xs, batch: int) -> DomainStats:
+    tr = trace(model, params, xs, jac=False, pre=True)  # one forward pass
+    acts, z = (per_layer([getattr(r, f) for r in tr.records]) for f in ("out", "pre"))
+    x = tr.x
+    if model.batch_coupled:  # one sample is the batch: its rows are the inputs
+        acts, z = (a[0].reshape(a.shape[1], batch, -1) for a in (acts, z))
+        x = x[0].reshape(batch, -1)
+    else:
+        acts, z = (jnp.swapaxes(a, 0, 1) for a in (acts, z))  # (L, B, size)
     return DomainStats(
-        jnp.concatenate([cos_layers, mean_pairwise_cosine(x.reshape(x.shape[0], -1))[None]]),
+        jnp.concatenate([mean_pairwise_cosine(acts), mean_pairwise_cosine(x)[None]]),
         sign_diversity(z),
         jnp.mean(jnp.std(z, axis=-2), axis=-1),
     )
 
 
-def domain_statistics(net: Network, params: Params, x: jax.Array) -> DomainStats:
-    """Collapsing-domain measurements of a plain network at every layer.
+def domain_statistics(net: Model, params: Params, x) -> DomainStats:
+    """Collapsing-domain measurements at every layer.
 
     Args:
-        net: a plain network (:func:`jacobian_lab.mlp`); params: its parameters.
-        x: a batch of at least 2 inputs ``(B, in_dim)``.
+        net: any model whose layers know their pre-activations: a plain built-in network
+            (:func:`jacobian_lab.mlp`, :func:`jacobian_lab.convnet`), or a chain whose layers
+            end in a parameter-free activation (``Linear, relu`` reads the ``Linear``
+            output as the pre-activation); params: its parameters.
+        x: a batch of at least 2 inputs ``(B, in_dim)`` (a batch-norm model: one batch).
 
     Returns:
-        :class:`DomainStats` (shapes there).
+        :class:`DomainStats` (shapes there). Images and pytrees count every scalar as a
+        unit.
     """
-    if not isinstance(net, Network) or net.residual:
-        raise ValueError(
-            "domain_statistics takes a plain network (jacobian_lab.mlp): it needs each "
-            "layer's pre-activations"
-        )
-    net.check_input(x)
-    if x.shape[0] < 2:
-        raise ValueError("domain_statistics needs a batch of at least 2 inputs")
-    return _domain_statistics(net, params, x)
+    i = 0
+    for stage in net.stages:
+        unit = unit_of(stage)
+        if not isinstance(unit, Layer) or unit.preactivation is None:
+            raise ValueError(
+                f"domain_statistics needs every layer's pre-activation, and layer {i} "
+                f"({net.names[i]!r}) has none (a residual block, or a layer without a "
+                "parameter-free activation after it). Give the chain layers that end in "
+                "their activation (e.g. [Linear, relu, Linear, relu, ...]), or a plain "
+                "built-in network"
+            )
+        i += stage_size(stage)
+    xs = net.samples(x)
+    batch = int(jax.tree_util.tree_leaves(xs)[0].shape[1 if net.batch_coupled else 0])
+    if batch < 2 or (net.batch_coupled and jax.tree_util.tree_leaves(xs)[0].shape[0] != 1):
+        raise ValueError("domain_statistics needs one batch of at least 2 inputs")
+    return _domain_statistics(net, params, xs, batch)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from jacobian_lab._checks import require_finite
+from jacobian_lab.checks import require_finite
 
 Mode = Literal["auto", "fwd", "rev"]
 

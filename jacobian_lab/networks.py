@@ -1,19 +1,17 @@
 """Fully connected networks at initialization: plain MLPs and residual MLPs.
 
-A network is a :class:`Network` (a frozen, hashable description) plus a params pytree made
-by ``net.init(key)``. It is *layered*: a **stem** maps the input ``x`` (width ``in_dim``) to
-the hidden width, then ``net.num_units`` identical **units** (plain layers, or residual
-blocks) are applied under ``lax.scan`` over stacked parameters, so compile time does not
-grow with depth.
+A :class:`Network` is a frozen, hashable description plus a params pytree made by
+``net.init(key)``. It is a :class:`~jacobian_lab.model.Model` whose stages are::
 
-    plain MLP (``block_layers == 0``), ``depth`` dense layers:
-        stem = dense layer 1 (in_dim -> width), units = dense layers 2..depth.
-    residual MLP (``block_layers >= 1``), ``depth`` residual blocks:
-        stem = a linear projection in_dim -> width (weights drawn like every other layer),
-        units = the blocks. Block output: ``f + alpha * r(f)`` (``block_order="pre"``,
-        identity stream) or ``act(f + alpha * r(f))`` (``block_order="post"``, the
-        original ResNet order), where the branch ``r`` is ``block_layers`` dense layers and
-        ``alpha = residual_scale``.
+    plain MLP, depth dense layers:      Layer(dense)          in_dim -> width
+                                        Repeat(Layer(dense), depth - 1)
+    residual MLP, num_blocks blocks:    Layer(linear)         in_dim -> width (the stem)
+                                        Repeat(Block(branch, post), num_blocks)
+
+The repeated stage runs under ``lax.scan`` over stacked params, so compile time does not
+grow with depth. A block's output is ``f + alpha * r(f)`` (``block_order="pre"``, identity
+stream) or ``act(f + alpha * r(f))`` (``block_order="post"``, the original ResNet order);
+the branch ``r`` is ``block_layers`` dense layers and ``alpha = residual_scale``.
 
 A **dense layer** applies ``"linear"`` (``h @ W.T + b``), ``"norm"`` and ``"act"`` in the
 order given by ``order`` (default ``"linear-norm-act"``; ``"norm-act-linear"`` is the
@@ -23,8 +21,8 @@ Normalization has no learnable affine part (at initialization it is the identity
     ``"layer"``: each example's features to mean 0, variance 1;
     ``"batch"``: each feature to mean 0, variance 1 over the batch, with *batch
     statistics*. The network is then a function of the whole batch, and its Jacobian is
-    taken with respect to the whole batch (``(B*width) x (B*width)``), see
-    :mod:`jacobian_lab.layered`. ``net.batch_coupled`` says which case holds.
+    taken with respect to the whole batch (``(B*width) x (B*width)``): one sample is a
+    batch. ``net.batch_coupled`` says which case holds.
 
 Layer outputs use the GSC paper's indexing (Philipp, Song & Carbonell, arXiv 1712.05577),
 which counts from the output towards the input: ``f_0`` is the network output, ``f_1`` the
@@ -35,29 +33,32 @@ measures networks without a loss, so its ``f_0`` is the prediction layer.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
 
 import jax
 import jax.numpy as jnp
 
 from jacobian_lab.activations import get_activation
 from jacobian_lab.initializers import INITIALIZERS, weight_matrix
+from jacobian_lab.model import Block, Layer, Model, Params, Repeat, forward, walk
 
-Params = dict[str, Any]
 NORMS = ("none", "layer", "batch")
 STEPS = ("linear", "norm", "act")
 BLOCK_ORDERS = ("pre", "post")
 
 
-@dataclass(frozen=True)
-class Network:
+@dataclass(frozen=True, kw_only=True)
+class Network(Model):
     """Description of a (residual) MLP at initialization; build it with :func:`mlp` or
-    :func:`resmlp`, which document the fields."""
+    :func:`resmlp`, which document the fields. ``depth`` counts the dense layers of a
+    plain network, ``num_blocks`` the blocks of a residual one (the other is 0)."""
 
-    depth: int
     width: int
     activation: str
+    depth: int = 0
+    num_blocks: int = 0
     in_dim: int | None = None
     norm: str = "none"
     order: str = "linear-norm-act"
@@ -72,7 +73,7 @@ class Network:
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        _validate(self)
+        validate(self)
 
     # -- structure ---------------------------------------------------------------------
     @property
@@ -82,18 +83,13 @@ class Network:
 
     @property
     def residual(self) -> bool:
-        """True for a residual network (``block_layers >= 1``): its units are blocks."""
-        return self.block_layers > 0
+        """True for a residual network: its units are blocks."""
+        return self.num_blocks > 0
 
     @property
     def num_units(self) -> int:
-        """Number of scanned units: ``depth - 1`` dense layers, or ``depth`` blocks."""
-        return self.depth if self.residual else self.depth - 1
-
-    @property
-    def num_layers(self) -> int:
-        """L: number of layer outputs above the input (stem + units); ``f_L = x``."""
-        return self.num_units + 1
+        """Number of repeated units: ``depth - 1`` dense layers, or ``num_blocks``."""
+        return self.num_blocks if self.residual else self.depth - 1
 
     @property
     def example_ndim(self) -> int:
@@ -101,9 +97,47 @@ class Network:
         return 1
 
     @property
+    def example_shape(self) -> tuple[int, ...]:
+        """Shape of one input example."""
+        return (self.input_dim,)
+
+    @property
     def batch_coupled(self) -> bool:
         """True for batch norm: outputs depend on the whole batch."""
         return self.norm == "batch"
+
+    @cached_property
+    def stages(self) -> tuple:
+        """The stages (see the module docstring)."""
+        if self.residual:
+            post = get_activation(self.activation) if self.block_order == "post" else None
+            unit = Block(self.branch, None, post)
+            return (Layer(self._linear), Repeat(unit, self.num_blocks))
+        dense = Layer(self.dense, self.dense_with_preactivation)
+        return (dense,) if self.depth == 1 else (dense, Repeat(dense, self.depth - 1))
+
+    @cached_property
+    def names(self) -> tuple[str, ...]:
+        """One name per layer output, from the input."""
+        if self.residual:
+            return ("stem", *(f"block{i}" for i in range(1, self.num_blocks + 1)))
+        return tuple(f"dense{i}" for i in range(1, self.depth + 1))
+
+    def stage_params(self, params: Params) -> tuple:
+        return (params["stem"], params["units"]) if self.num_units else (params["stem"],)
+
+    def samples(self, x: jax.Array) -> jax.Array:
+        if self.batch_coupled:
+            xs = x[None] if x.ndim == self.example_ndim + 1 else x
+            if xs.ndim != self.example_ndim + 2:
+                raise ValueError(
+                    "a batch-norm network takes one batch (B, *example_shape) or S batches "
+                    f"(S, B, *example_shape), got {tuple(x.shape)}"
+                )
+            self.check_input(xs[0])
+            return xs
+        self.check_input(x)
+        return x
 
     # -- parameters ----------------------------------------------------------------------
     def init(self, key: jax.Array) -> Params:
@@ -128,98 +162,8 @@ class Network:
             )
         return {"stem": stem, "units": units}
 
-    # -- forward -------------------------------------------------------------------------
-    def stem(self, params: Params, x: jax.Array) -> jax.Array:
-        """The stem on a batch ``x`` of shape ``(B, in_dim)``; returns ``(B, width)``."""
-        if self.residual:
-            return self._linear(params["stem"], x)
-        return self._dense(params["stem"], x)
-
-    def unit(self, unit_params: Params, h: jax.Array) -> jax.Array:
-        """One unit (dense layer or residual block) on ``h`` of shape ``(B, width)``."""
-        if not self.residual:
-            return self._dense(unit_params, h)
-        skip, branch = self.block_parts(unit_params, h)
-        z = skip + branch
-        return get_activation(self.activation)(z) if self.block_order == "post" else z
-
-    def block_parts(self, unit_params: Params, h: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Skip and (scaled) branch of one residual block: ``(f, alpha * r(f))``, each of
-        shape ``(B, width)``; the block's output is their sum (then the activation when
-        ``block_order == "post"``)."""
-        if not self.residual:
-            raise ValueError("block_parts needs a residual network (block_layers >= 1)")
-
-        def layer(carry, p):
-            return self._dense(p, carry), None
-
-        r, _ = jax.lax.scan(layer, h, unit_params)
-        return h, self.residual_scale * r
-
-    def activations(self, params: Params, x: jax.Array) -> jax.Array:
-        """Every layer's output for a batch ``x`` of shape ``(B, in_dim)``.
-
-        Returns:
-            Array ``(L, B, width)`` in the GSC paper's indexing: ``acts[l] = f_l``, so
-            ``acts[0]`` is the network output and ``acts[L-1]`` the stem's output
-            (``f_L = x`` itself is not repeated). ``L = num_layers``.
-        """
-        self.check_input(x)
-        h0 = self.stem(params, x)
-
-        def step(h, p):
-            h = self.unit(p, h)
-            return h, h
-
-        _, hs = jax.lax.scan(step, h0, params["units"])
-        return jnp.concatenate([hs[::-1], h0[None]], axis=0)
-
-    def preactivations(self, params: Params, x: jax.Array) -> jax.Array:
-        """The values fed into each dense layer's nonlinearity, for a plain network.
-
-        Returns:
-            Array ``(L, B, width)`` in the GSC paper's indexing (``[0]`` belongs to the
-            output layer, ``[L-1]`` to the first layer). These are the "pre-activations"
-            whose spread across inputs measures a collapsing domain.
-        """
-        return self.activations_and_preactivations(params, x)[1]
-
-    def activations_and_preactivations(
-        self, params: Params, x: jax.Array
-    ) -> tuple[jax.Array, jax.Array]:
-        """:meth:`activations` and :meth:`preactivations` of a plain network from one
-        forward pass: two arrays ``(L, B, width)``, GSC-paper indexing."""
-        if self.residual:
-            raise ValueError(
-                "preactivations is defined for plain networks; a residual network's stream "
-                "is net.activations(params, x)"
-            )
-        self.check_input(x)
-        h0, z0 = self._dense_with_preactivation(params["stem"], x)
-
-        def step(h, p):
-            h, z = self._dense_with_preactivation(p, h)
-            return h, (h, z)
-
-        _, (hs, zs) = jax.lax.scan(step, h0, params["units"])
-        return (
-            jnp.concatenate([hs[::-1], h0[None]], axis=0),
-            jnp.concatenate([zs[::-1], z0[None]], axis=0),
-        )
-
-    def apply(self, params: Params, x: jax.Array) -> jax.Array:
-        """Network output ``f_0`` for a batch ``x`` of shape ``(B, in_dim)``; ``(B, width)``."""
-        self.check_input(x)
-        h, _ = jax.lax.scan(
-            lambda h, p: (self.unit(p, h), None), self.stem(params, x), params["units"]
-        )
-        return h
-
-    # -- internals -----------------------------------------------------------------------
-    def _dense(self, p: Params, h: jax.Array) -> jax.Array:
-        return self._dense_with_preactivation(p, h)[0]
-
-    def _dense_with_preactivation(self, p: Params, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # -- layers (on one sample, or a batch with a leading axis) -------------------------
+    def dense_with_preactivation(self, p: Params, h: jax.Array) -> tuple[jax.Array, jax.Array]:
         """One dense layer's output and the value fed into its nonlinearity."""
         phi = get_activation(self.activation)
         pre = h
@@ -230,55 +174,153 @@ class Network:
                 pre = h
                 h = phi(h)
             elif self.norm != "none":
-                h = _normalize(h, axis=self._norm_axes(), eps=self.norm_eps)
+                h = normalize(h, self._norm_axes(h), self.norm_eps)
         return h, pre
+
+    def dense(self, p: Params, h: jax.Array) -> jax.Array:
+        """One dense layer on ``h`` (one example, or a batch ``(B, ...)``)."""
+        return self.dense_with_preactivation(p, h)[0]
+
+    def branch(self, p: Params, h: jax.Array) -> jax.Array:
+        """The scaled residual branch ``alpha * r(h)`` of one block with params ``p``
+        (stacked over its ``block_layers`` layers)."""
+        r, _ = jax.lax.scan(lambda c, q: (self.dense(q, c), None), h, p)
+        return self.residual_scale * r
+
+    def stem(self, params: Params, x: jax.Array) -> jax.Array:
+        """The stem on ``x``: the first dense layer, or a ResNet's linear projection."""
+        if self.residual:
+            return self._linear(params["stem"], x)
+        return self.dense(params["stem"], x)
+
+    def unit(self, unit_params: Params, h: jax.Array) -> jax.Array:
+        """One repeated unit (dense layer or residual block) on ``h``."""
+        if not self.residual:
+            return self.dense(unit_params, h)
+        skip, branch = self.block_parts(unit_params, h)
+        z = skip + branch
+        return get_activation(self.activation)(z) if self.block_order == "post" else z
+
+    def block_parts(self, unit_params: Params, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Skip and (scaled) branch of one residual block: ``(f, alpha * r(f))``; the
+        block's output is their sum (then the activation when ``block_order == "post"``)."""
+        if not self.residual:
+            raise ValueError("block_parts needs a residual network (resmlp)")
+        return h, self.branch(unit_params, h)
 
     def _linear(self, p: Params, h: jax.Array) -> jax.Array:
         return h @ p["W"].T + p["b"]
 
-    def _norm_axes(self) -> int | tuple[int, ...]:
-        """Axes normalized over: the batch (batch norm) or the features (layer norm)."""
-        return 0 if self.batch_coupled else -1
+    def _norm_axes(self, h: jax.Array) -> tuple[int, ...]:
+        """Batch norm: every axis but the features (the batch, and an image's pixels);
+        layer norm: the example's own axes."""
+        if self.batch_coupled:
+            return tuple(range(h.ndim - 1))
+        return tuple(range(h.ndim - self.example_ndim, h.ndim))
 
     def _layer_params(self, key, fan_in: int, fan_out: int, paired_input: bool) -> Params:
-        return _dense_params(key, self.weight_init, fan_in, fan_out, self, paired_input)
+        k_w, k_b = jax.random.split(key)
+        dtype = jnp.dtype(self.dtype)
+        W = weight_matrix(
+            k_w,
+            self.weight_init,
+            fan_in,
+            fan_out,
+            sigma_w=self.sigma_w,
+            paired_input=paired_input,
+            dtype=dtype,
+        )
+        return {"W": W, "b": self.sigma_b * jax.random.normal(k_b, (fan_out,), dtype)}
+
+    # -- forward on a batch --------------------------------------------------------------
+    def apply(self, params: Params, x: jax.Array) -> jax.Array:
+        """Network output ``f_0`` for a batch ``x`` of shape ``(B, *example_shape)``."""
+        self.check_input(x)
+        if self.batch_coupled:
+            return forward(self, params, x)[0]
+        return jax.vmap(lambda v: forward(self, params, v)[0])(x)
+
+    def activations(self, params: Params, x: jax.Array) -> jax.Array:
+        """Every layer's output for a batch ``x`` of shape ``(B, *example_shape)``.
+
+        Returns:
+            Array ``(L, B, *hidden_shape)`` in the GSC paper's indexing: ``acts[l] = f_l``,
+            so ``acts[0]`` is the network output and ``acts[L-1]`` the stem's output
+            (``f_L = x`` itself is not repeated). ``L = num_layers``.
+        """
+        self.check_input(x)
+        one = lambda v: jnp.concatenate(forward(self, params, v)[1])[::-1]  # noqa: E731
+        if self.batch_coupled:
+            return one(x)
+        return jnp.moveaxis(jax.vmap(one)(x), 0, 1)
+
+    def preactivations(self, params: Params, x: jax.Array) -> jax.Array:
+        """The values fed into each dense layer's nonlinearity, for a plain network:
+        ``(L, B, *hidden_shape)``, GSC-paper indexing. Their spread across inputs
+        measures a collapsing domain."""
+        return self.activations_and_preactivations(params, x)[1]
+
+    def activations_and_preactivations(
+        self, params: Params, x: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """:meth:`activations` and :meth:`preactivations` of a plain network from one
+        forward pass: two arrays ``(L, B, *hidden_shape)``, GSC-paper indexing."""
+        if self.residual:
+            raise ValueError(
+                "preactivations is defined for plain networks; a residual network's stream "
+                "is net.activations(params, x)"
+            )
+        self.check_input(x)
+
+        def one(v):
+            tap = lambda unit, p, h, _: (lambda o: (o[0], o))(unit.preactivation(p, h))  # noqa: E731
+            records = walk(self, params, v, tap)[1]
+            return tuple(jnp.concatenate(f)[::-1] for f in zip(*records, strict=True))
+
+        if self.batch_coupled:
+            return one(x)
+        return tuple(jnp.moveaxis(a, 0, 1) for a in jax.vmap(one)(x))
+
+    @property
+    def hidden_shape(self) -> tuple[int, ...]:
+        """Shape of one example's hidden layer output."""
+        return (self.width,)
 
     def check_input(self, x: jax.Array) -> None:
-        """Raise ``ValueError`` unless ``x`` is a batch ``(B, in_dim)`` this network takes."""
-        if x.ndim != 2 or x.shape[-1] != self.input_dim:
+        """Raise ``ValueError`` unless ``x`` is a batch ``(B, *example_shape)``."""
+        if x.ndim != self.example_ndim + 1 or tuple(x.shape[1:]) != self.example_shape:
+            shape = ", ".join(map(str, self.example_shape))
             raise ValueError(
-                f"expected a batch of inputs of shape (batch, {self.input_dim}), got "
+                f"expected a batch of inputs of shape (batch, {shape}), got "
                 f"{tuple(x.shape)}; for one input use x[None]"
             )
         if self.batch_coupled and x.shape[0] < 2:
             raise ValueError("batch norm needs a batch of at least 2 inputs")
 
 
-def _normalize(h: jax.Array, axis: int, eps: float) -> jax.Array:
-    centred = h - jnp.mean(h, axis=axis, keepdims=True)
+def normalize(h: jax.Array, axes: tuple[int, ...], eps: float) -> jax.Array:
+    """``h`` centred and scaled to unit variance over ``axes`` (no affine part)."""
+    centred = h - jnp.mean(h, axis=axes, keepdims=True)
     # c * c, not c ** 2 or jnp.square: with jax/jaxlib 0.10.2 on CPU, jit(vmap(jacfwd(.)))
     # of a normalization written with a square miscompiles at batch x width >= ~4096 and
     # returns wrong Jacobians for every batch element but the first (seen at width 256,
     # batch 16); tests/test_layered.py guards this.
-    var = jnp.mean(centred * centred, axis=axis, keepdims=True)
+    var = jnp.mean(centred * centred, axis=axes, keepdims=True)
     return centred / jnp.sqrt(var + eps)
 
 
-def _dense_params(key, init, fan_in, fan_out, net: Network, paired_input: bool) -> Params:
-    k_w, k_b = jax.random.split(key)
-    dtype = jnp.dtype(net.dtype)
-    W = weight_matrix(
-        k_w, init, fan_in, fan_out, sigma_w=net.sigma_w, paired_input=paired_input, dtype=dtype
-    )
-    b = net.sigma_b * jax.random.normal(k_b, (fan_out,), dtype)
-    return {"W": W, "b": b}
-
-
-def _validate(net: Network, initializers: tuple[str, ...] = INITIALIZERS) -> None:
+def validate(net: Network, initializers: tuple[str, ...] = INITIALIZERS) -> None:
+    """Raise ``ValueError`` naming the first field of ``net`` that is out of range."""
     get_activation(net.activation)
-    for name, value in (("depth", net.depth), ("width", net.width), ("in_dim", net.input_dim)):
-        if not isinstance(value, int) or value < 1:
+    count = ("num_blocks", net.num_blocks) if net.block_layers else ("depth", net.depth)
+    for name, value in (count, ("width", net.width), ("in_dim", net.input_dim)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if net.block_layers and net.depth or not net.block_layers and net.num_blocks:
+        raise ValueError(
+            "give depth (dense layers) for a plain network, or num_blocks with block_layers "
+            ">= 1 for a residual one"
+        )
     if net.norm not in NORMS:
         raise ValueError(f"unknown norm {net.norm!r}; expected one of: {', '.join(NORMS)}")
     if net.weight_init not in initializers:
@@ -299,6 +341,23 @@ def _validate(net: Network, initializers: tuple[str, ...] = INITIALIZERS) -> Non
         raise ValueError(f"block_order must be 'pre' or 'post', got {net.block_order!r}")
     if net.dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {net.dtype!r}")
+
+
+def renamed_count(num_blocks, depth, fn: str) -> int:
+    """``num_blocks``, or the deprecated ``depth=`` keyword with a ``DeprecationWarning``."""
+    if depth is not None:
+        warnings.warn(
+            f"{fn}(depth=...) is deprecated: a residual network's number of blocks is "
+            "num_blocks (depth counts dense layers of plain networks)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if num_blocks is not None:
+            raise ValueError(f"{fn}: give num_blocks only (depth is its deprecated alias)")
+        return depth
+    if num_blocks is None:
+        raise TypeError(f"{fn}() missing the number of blocks, num_blocks")
+    return num_blocks
 
 
 def mlp(
@@ -330,24 +389,24 @@ def mlp(
         name: label used in tables and figures.
     """
     return Network(
-        depth,
-        width,
-        activation,
-        in_dim,
-        norm,
-        order,
-        weight_init,
-        sigma_w,
-        sigma_b,
+        depth=depth,
+        width=width,
+        activation=activation,
+        in_dim=in_dim,
+        norm=norm,
+        order=order,
+        weight_init=weight_init,
+        sigma_w=sigma_w,
+        sigma_b=sigma_b,
         dtype=dtype,
         name=name,
     )
 
 
 def resmlp(
-    depth: int,
-    width: int,
-    activation: str,
+    num_blocks: int | None = None,
+    width: int | None = None,
+    activation: str | None = None,
     *,
     block_layers: int = 2,
     residual_scale: float = 1.0,
@@ -360,34 +419,40 @@ def resmlp(
     sigma_b: float = 0.0,
     dtype: str = "float32",
     name: str = "",
+    depth: int | None = None,
 ) -> Network:
-    """A residual MLP of ``depth`` blocks, each ``f -> f + residual_scale * r(f)``.
+    """A residual MLP of ``num_blocks`` blocks, each ``f -> f + residual_scale * r(f)``,
+    after a linear stem ``in_dim -> width``.
 
     Args:
-        depth: number of residual blocks (>= 1).
+        num_blocks: number of residual blocks (>= 1); ``L = num_blocks + 1`` layer outputs.
         block_layers: dense layers in each residual branch (>= 1).
-        residual_scale: alpha multiplying the branch, e.g. ``depth ** -0.5``.
+        residual_scale: alpha multiplying the branch, e.g. ``num_blocks ** -0.5``.
         block_order: ``"pre"``: output ``f + alpha r(f)`` (identity stream);
             ``"post"``: output ``act(f + alpha r(f))``.
         order: step order inside each branch layer; the default ``"norm-act-linear"``
             is the pre-activation ResNet of He et al. (2016).
+        depth: deprecated alias of ``num_blocks``.
         Other arguments as in :func:`mlp`.
     """
+    num_blocks = renamed_count(num_blocks, depth, "resmlp")
+    if width is None or activation is None:
+        raise TypeError("resmlp() needs num_blocks, width and activation")
     if block_layers < 1:
         raise ValueError(f"a residual network needs block_layers >= 1, got {block_layers}")
     return Network(
-        depth,
-        width,
-        activation,
-        in_dim,
-        norm,
-        order,
-        weight_init,
-        sigma_w,
-        sigma_b,
-        block_layers,
-        residual_scale,
-        block_order,
+        num_blocks=num_blocks,
+        width=width,
+        activation=activation,
+        in_dim=in_dim,
+        norm=norm,
+        order=order,
+        weight_init=weight_init,
+        sigma_w=sigma_w,
+        sigma_b=sigma_b,
+        block_layers=block_layers,
+        residual_scale=residual_scale,
+        block_order=block_order,
         dtype=dtype,
         name=name,
     )

@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
-from jacobian_lab.layered import _layer_jacobians, check_layers_finite, layer_finite, samples
-from jacobian_lab.networks import Network, Params
+from jacobian_lab.driver import check_finite, finite_layers, per_layer, trace
+from jacobian_lab.model import Model, Params
+from jacobian_lab.residual import require_blocks
 
 
 class PathGradients(NamedTuple):
@@ -106,37 +107,46 @@ def path_decomposition(
 
 
 @partial(jax.jit, static_argnums=(0, 4))
-def _path_gradients(net: Network, params: Params, xs: jax.Array, key: jax.Array, num_paths):
-    lj = _layer_jacobians(net, params, xs)
-    J_r = lj.units - jnp.eye(lj.units.shape[-1], dtype=lj.units.dtype)
-    v = jax.random.normal(key, lj.outputs[:, 0].shape, lj.outputs.dtype)
+def _path_gradients(model: Model, params: Params, xs, key: jax.Array, num_paths):
+    tr = trace(model, params, xs, blocks=True)
+    records = list(tr.records)
+    first = next(i for i, r in enumerate(records) if r.branch is not None)
+    blocks = records[first:]
+    if any(r.branch is None or r.skip_jac is not None for r in blocks):
+        raise ValueError(
+            "path_gradients needs the residual blocks to be consecutive, with identity "
+            "skips: every layer from the first block to the output must be such a block "
+            "(the gradient is taken at the first block's input)"
+        )
+    J_r = per_layer([r.branch_jac for r in blocks])  # (S, n, d, d), block nearest the output first
+    out0 = records[-1].out[:, -1]
+    v = jax.random.normal(key, out0.shape, out0.dtype)
     keys = jax.random.split(jax.random.fold_in(key, 1), J_r.shape[0])
     G, per_path = jax.vmap(partial(path_decomposition, num_paths=num_paths))(J_r, v, keys)
     exact = jnp.linalg.norm(G, axis=-1)
     full = jnp.linalg.norm(G.sum(axis=1), axis=-1)
-    return PathGradients(exact, per_path, full), layer_finite(lj)
+    return PathGradients(exact, per_path, full), finite_layers(tr)
 
 
 def path_gradients(
-    net: Network, params: Params, x: jax.Array, key: jax.Array, num_paths: int = 16
+    net: Model, params: Params, x, key: jax.Array, num_paths: int = 16
 ) -> PathGradients:
     """Gradient carried by residual paths of each length, per sample (Veit et al.).
 
     Args:
-        net: a residual network with ``block_order="pre"``; params: its parameters.
+        net: any model whose layers from its first residual block to the output are
+            blocks ``f -> f + r(f)`` (identity skip, no post-activation): a
+            :func:`~jacobian_lab.resmlp` with ``block_order="pre"``, or a chain of
+            :class:`~jacobian_lab.Residual` layers after a stem; params: its parameters.
         x: inputs ``(B, in_dim)`` (batch norm: one batch, or ``(S, B, in_dim)``).
         key: PRNG key for the output direction ``v`` and the sampled paths.
         num_paths: single paths sampled per length.
 
     Returns:
-        :class:`PathGradients` over lengths ``0 .. depth``; the gradient is taken at the
-        input of the first block (the stem's output).
+        :class:`PathGradients` over lengths ``0 .. n`` (``n`` blocks); the gradient is
+        taken at the input of the first block.
     """
-    if not isinstance(net, Network) or not net.residual or net.block_order != "pre":
-        raise ValueError(
-            "path_gradients needs a residual network with block_order='pre' (blocks "
-            "f -> f + r(f)); build one with jacobian_lab.resmlp(...)"
-        )
-    out, ok = _path_gradients(net, params, samples(net, x), key, num_paths)
-    check_layers_finite(ok, net)
+    require_blocks(net, pre=True)
+    out, ok = _path_gradients(net, params, net.samples(x), key, num_paths)
+    check_finite(ok, net)
     return out

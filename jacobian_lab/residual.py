@@ -10,8 +10,10 @@ For a residual block with input (skip) ``f`` and scaled branch output ``r = alph
   values of the block Jacobian ``I + d r / d f`` concentrate around 1, and so does the ratio
   of gradient norms on the two sides of the block.
 
-Blocks use the GSC paper's indexing: block ``l`` is the block whose output is ``f_l``
-(``l = 0`` is the last block, ``l = depth - 1`` the first).
+Blocks are the :class:`~jacobian_lab.model.Block` stages of any model (built-in ResNets,
+:class:`~jacobian_lab.Residual` layers of a chain), reported nearest the output first:
+block ``j`` has its output at ``f_l`` with ``l = model.block_outputs[j]`` (GSC-paper
+indexing).
 """
 
 from __future__ import annotations
@@ -22,15 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab.chain import Chain, chain_pass
-from jacobian_lab.layered import (
-    _layer_jacobians,
-    chain_finite,
-    check_layers_finite,
-    layer_finite,
-    samples,
-)
-from jacobian_lab.networks import Network, Params
+from jacobian_lab.driver import Record, check_finite, finite_layers, per_layer, trace
+from jacobian_lab.model import Block, Model, Params, unit_of
 
 
 class Pythagorean(NamedTuple):
@@ -65,85 +60,66 @@ class Pythagorean(NamedTuple):
         return jnp.sqrt(self.branch_sq / self.skip_sq)
 
 
-def _require_residual(net: Network | Chain) -> None:
-    if isinstance(net, Chain):
-        if not net.residual_layers:
-            raise ValueError(
-                "this chain has no residual blocks: mark them with "
-                "jacobian_lab.Residual(branch, skip) in chain([...])"
-            )
-    elif not net.residual:
+def require_blocks(model: Model, *, pre: bool = False) -> None:
+    """Raise ``ValueError`` unless ``model`` has residual blocks (and, with ``pre``, none
+    with a post-activation, whose Jacobian is not ``skip + branch``)."""
+    blocks = [unit_of(s) for s in model.stages if isinstance(unit_of(s), Block)]
+    if not blocks:
         raise ValueError(
-            f"{net.name or 'this network'} has no residual blocks; build one with "
-            "jacobian_lab.resmlp(...)"
+            f"{getattr(model, 'name', '') or 'this model'} has no residual blocks: build one "
+            "with jacobian_lab.resmlp(...), or mark them with jacobian_lab.Residual(branch, "
+            "skip) in chain([...])"
+        )
+    if pre and any(b.post is not None for b in blocks):
+        raise ValueError(
+            "this diagnostic needs blocks without a post-activation (block_order='pre'): "
+            "with one, the block's Jacobian is not skip + branch"
         )
 
 
-def _blocks_from_output(chain: Chain) -> list[int]:
-    """A chain's residual layers (indices from the input), the one nearest the output
-    first, the order the block diagnostics report them in."""
-    return sorted(chain.residual_layers, reverse=True)
+def _blocks(tr) -> list[Record]:
+    """The block segments of a trace (their records have a branch)."""
+    return [r for r in tr.records if r.branch is not None]
 
 
-def _block_input(cp, i: int) -> jax.Array:
-    return cp.inputs if i == 0 else cp.outputs[i - 1]
+def _sq(a: jax.Array) -> jax.Array:
+    return jnp.sum(a**2, axis=-1)
 
 
-def _pythagorean_terms(f, r) -> tuple:
-    f, r = f.reshape(f.shape[0], -1), r.reshape(r.shape[0], -1)  # images: one vector each
-    return (
-        jnp.sum(f**2, -1),
-        jnp.sum(r**2, -1),
-        jnp.sum((f + r) ** 2, -1),
-        2 * jnp.sum(f * r, -1),
+@partial(jax.jit, static_argnums=0)
+def _pythagorean(model: Model, params: Params, xs):
+    tr = trace(model, params, xs, jac=False, blocks=True)
+    bl = _blocks(tr)
+    ff, rr, ss, fr = (
+        per_layer([f(r) for r in bl])
+        for f in (
+            lambda r: _sq(r.skip),
+            lambda r: _sq(r.branch),
+            lambda r: _sq(r.skip + r.branch),
+            lambda r: 2 * jnp.sum(r.skip * r.branch, axis=-1),
+        )
     )
+    return Pythagorean(ff, rr, ss, fr, fr / (2 * jnp.sqrt(ff * rr))), finite_layers(tr)
 
 
-def _pythagorean_from_terms(ff, rr, ss, fr) -> Pythagorean:
-    return Pythagorean(ff, rr, ss, fr, fr / (2 * jnp.sqrt(ff * rr)))
-
-
-@partial(jax.jit, static_argnums=0)
-def _chain_pythagorean(chain: Chain, params, xs):
-    cp = chain_pass(chain, params, xs)
-    terms = [_pythagorean_terms(cp.skips[i], cp.branches[i]) for i in _blocks_from_output(chain)]
-    ff, rr, ss, fr = (jnp.stack(t, axis=1) for t in zip(*terms, strict=True))
-    return _pythagorean_from_terms(ff, rr, ss, fr), chain_finite(cp)
-
-
-@partial(jax.jit, static_argnums=0)
-def _pythagorean(net: Network, params: Params, x: jax.Array) -> Pythagorean:
-    def step(h, p):
-        f, r = net.block_parts(p, h)
-        return net.unit(p, h), _pythagorean_terms(f, r)
-
-    _, (ff, rr, ss, fr) = jax.lax.scan(step, net.stem(params, x), params["units"])
-    return _pythagorean_from_terms(*(a[::-1].T for a in (ff, rr, ss, fr)))
-
-
-def pythagorean_decomposition(net: Network | Chain, params: Params, x: jax.Array) -> Pythagorean:
+def pythagorean_decomposition(net: Model, params: Params, x) -> Pythagorean:
     """Split every block's output length into skip, branch and cross term.
 
     Args:
-        net: a residual network (:func:`jacobian_lab.resmlp`), or a
-            :class:`~jacobian_lab.Chain` with :class:`~jacobian_lab.Residual` layers
-            (``f`` is then the skip's output, which is the block input for an identity
-            skip).
+        net: any model with residual blocks (:func:`jacobian_lab.resmlp`, a chain with
+            :class:`~jacobian_lab.Residual` layers); ``f`` is the skip's output, which is
+            the block input for an identity skip.
         params: its parameters.
         x: inputs ``(B, in_dim)`` (a chain: a pytree with a leading sample axis).
 
     Returns:
-        :class:`Pythagorean` with fields of shape ``(B, depth)`` (a chain: ``(S, number
-        of residual layers)``, nearest the output first; ``chain.block_outputs`` gives
-        each block's output layer ``l``).
+        :class:`Pythagorean` with fields of shape ``(S, number of blocks)``, nearest the
+        output first (``net.block_outputs`` gives each block's output layer ``l``).
     """
-    _require_residual(net)
-    if isinstance(net, Chain):
-        out, ok = _chain_pythagorean(net, params, samples(net, x))
-        check_layers_finite(ok, net)
-        return out
-    net.check_input(x)
-    return _pythagorean(net, params, x)
+    require_blocks(net)
+    out, ok = _pythagorean(net, params, net.samples(x))
+    check_finite(ok, net)
+    return out
 
 
 class BlockJacobianStats(NamedTuple):
@@ -165,83 +141,89 @@ class BlockJacobianStats(NamedTuple):
     gradient_ratio: jax.Array
 
 
-@partial(jax.jit, static_argnums=0)
-def _block_stats(net: Network, params: Params, xs: jax.Array, key: jax.Array):
-    lj = _layer_jacobians(net, params, xs)
-    v0 = jax.random.normal(key, lj.outputs[:, 0].shape, lj.outputs.dtype)
+def block_layers(model: Model, tr) -> list[int]:
+    """GSC-paper indices ``l`` of the layers the block diagnostics report, nearest the
+    output first: the residual blocks, or, in a model without any, every layer after the
+    first whose Jacobian is square."""
+    if model.block_outputs:
+        return list(model.block_outputs)
+    shapes = [r.jac.shape[2:] for r in tr.records for _ in range(r.jac.shape[1])]
+    L = len(shapes)
+    return [L - 1 - i for i in range(L - 1, 0, -1) if shapes[i][0] == shapes[i][1]]
 
-    def backprop(units, v):
+
+def backward_ratios(jacs: list, g: jax.Array) -> jax.Array:
+    """``||g_{l+1}|| / ||g_l||`` for every layer of one sample, GSC order ``(L,)``, where
+    ``g_0 = g`` and ``g_{l+1} = J_l^T g_l`` (``jacs``: per segment, forward order)."""
+    out = []
+    for J in reversed(jacs):
+
         def step(g, D):
-            g_next = D.T @ g
-            return g_next, jnp.linalg.norm(g_next) / jnp.linalg.norm(g)
+            below = D.T @ g
+            return below, jnp.linalg.norm(below) / jnp.linalg.norm(g)
 
-        return jax.lax.scan(step, v, units)[1]
-
-    ratios = jax.vmap(backprop)(lj.units, v0)
-    svals = jnp.linalg.svd(lj.units, compute_uv=False)
-    return BlockJacobianStats(svals, ratios), layer_finite(lj)
+        if J.shape[0] == 1 or J.shape[1] != J.shape[2]:
+            g, r = step(g, J[0])
+            r = r[None]
+        else:
+            g, r = jax.lax.scan(step, g, J[::-1])
+        out.append(r)
+    return jnp.concatenate(out)
 
 
 @partial(jax.jit, static_argnums=0)
-def _chain_block_stats(chain: Chain, params, xs, key):
-    cp = chain_pass(chain, params, xs)
-    blocks = _blocks_from_output(chain)
-    if not blocks:  # a plain chain: every layer with a square Jacobian
-        blocks = [i for i in range(chain.num_layers - 1, -1, -1) if _square(cp.units[i])]
-    shapes = {cp.units[i].shape for i in blocks}
-    if len(shapes) != 1:
-        raise ValueError(
-            "block_jacobian_stats stacks the blocks' singular values and needs every block "
-            f"to have one size; got Jacobians of shapes {sorted(s[1:] for s in shapes)}"
-        )
-    g = jax.random.normal(key, cp.outputs[-1].shape, cp.outputs[-1].dtype)
-    ratios = {}
-    for i in range(chain.num_layers - 1, -1, -1):  # backpropagate from the output
-        g_below = jnp.einsum("sij,si->sj", cp.units[i], g)
-        ratios[i] = jnp.linalg.norm(g_below, axis=-1) / jnp.linalg.norm(g, axis=-1)
-        g = g_below
-    svals = jnp.linalg.svd(jnp.stack([cp.units[i] for i in blocks], axis=1), compute_uv=False)
-    stats = BlockJacobianStats(svals, jnp.stack([ratios[i] for i in blocks], axis=1))
-    return stats, chain_finite(cp)
+def _block_stats(model: Model, params: Params, xs, key):
+    tr = trace(model, params, xs)
+    idx = block_layers(model, tr)
+    jacs = [r.jac for r in tr.records]
+    out0 = tr.records[-1].out[:, -1]
+    g0 = jax.random.normal(key, out0.shape, out0.dtype)
+    ratios = jax.vmap(backward_ratios)(jacs, g0)
+    shapes = {r.jac.shape[2:] for r in tr.records}
+    per = per_layer(jacs) if len(shapes) == 1 else None
+    if per is None:
+        chosen = [J for r in tr.records for J in jnp.moveaxis(r.jac, 1, 0)][::-1]
+        sel = [chosen[l] for l in idx]
+        if len({J.shape for J in sel}) != 1:
+            raise ValueError(
+                "block_jacobian_stats stacks the blocks' singular values and needs every "
+                "block to have one size; got Jacobians of shapes "
+                f"{sorted({J.shape[1:] for J in sel})}"
+            )
+        blocks = jnp.stack(sel, axis=1)
+    else:
+        blocks = per[:, jnp.array(idx)]
+    svals = jnp.linalg.svd(blocks, compute_uv=False)
+    return BlockJacobianStats(svals, ratios[:, jnp.array(idx)]), finite_layers(tr)
 
 
-def _square(J: jax.Array) -> bool:
-    return J.shape[-1] == J.shape[-2]
-
-
-def block_jacobian_stats(
-    net: Network | Chain, params: Params, x: jax.Array, key: jax.Array
-) -> BlockJacobianStats:
+def block_jacobian_stats(net: Model, params: Params, x, key: jax.Array) -> BlockJacobianStats:
     """Singular values of every block's Jacobian and the gradient-norm ratio across it.
 
     Args:
-        net: a residual network; params: its parameters. A plain network is accepted
-            too: its "blocks" are its dense layers above the stem (the comparison
-            Zaeemzadeh et al. draw between blocks with and without the skip). For a
-            :class:`~jacobian_lab.Chain`, the blocks are its
-            :class:`~jacobian_lab.Residual` layers (nearest the output first), or, in a
-            chain without any, every layer with a square Jacobian.
+        net: any model; params: its parameters. The blocks are its residual blocks
+            (nearest the output first); in a model without any (a plain network), every
+            layer after the first with a square Jacobian (the comparison Zaeemzadeh et al.
+            draw between blocks with and without the skip).
         x: inputs ``(B, in_dim)`` (batch norm: one batch, or ``(S, B, in_dim)``; a chain:
             a pytree with a leading sample axis).
         key: PRNG key for the random output direction ``v``.
 
     Returns:
-        :class:`BlockJacobianStats`; the block axis has length ``net.num_units``
-        (``depth`` blocks; GSC-paper indexing, block 0 produces the output); for a chain,
-        the number of its residual layers (or of its square layers when it has none),
-        nearest the output first.
+        :class:`BlockJacobianStats`; the block axis follows ``net.block_outputs`` (or the
+        square layers, nearest the output first).
     """
-    impl = _chain_block_stats if isinstance(net, Chain) else _block_stats
-    stats, ok = impl(net, params, samples(net, x), key)
-    check_layers_finite(ok, net)
+    stats, ok = _block_stats(net, params, net.samples(x), key)
+    check_finite(ok, net)
     return stats
 
 
 class BlockGSC(NamedTuple):
     """The GSC across each residual block and its prediction from the Pythagorean equation.
 
-    Every field has shape ``(S, depth)`` (sample, block; GSC-paper indexing). For block
-    ``l`` with input ``f = f_{l+1}``, branch ``r`` and output ``f_l = f + r``:
+    Every field has shape ``(S, number of blocks)`` (sample, block nearest the output
+    first). For the block with input ``f = f_{l+1}``, branch ``r`` and output
+    ``f_l = f + r``:
 
     Fields:
         gsc: ``GSC(l+1, l) = qm(I + J_r) ||f|| / ||f + r||``, measured.
@@ -263,72 +245,47 @@ class BlockGSC(NamedTuple):
     predicted: jax.Array
 
 
-@partial(jax.jit, static_argnums=0)
-def _block_gsc(net: Network, params: Params, xs: jax.Array):
-    lj = _layer_jacobians(net, params, xs)
-    f_in, f_out = lj.outputs[:, 1:], lj.outputs[:, :-1]  # block l maps f_{l+1} to f_l
-    J_r = lj.units - jnp.eye(lj.units.shape[-1], dtype=lj.units.dtype)
-    d = lj.units.shape[-1]
-    n_in = jnp.linalg.norm(f_in, axis=-1)
-    n_r = jnp.linalg.norm(f_out - f_in, axis=-1)
-    qm_block = jnp.sqrt(jnp.sum(lj.units**2, axis=(-2, -1)) / d)
-    qm_r = jnp.sqrt(jnp.sum(J_r**2, axis=(-2, -1)) / d)
-    gsc_block = qm_block * n_in / jnp.linalg.norm(f_out, axis=-1)
-    rho = n_r / n_in
-    branch = jnp.where(rho > 0, qm_r / jnp.where(rho > 0, rho, 1.0), jnp.nan)
-    predicted = jnp.sqrt((1 + qm_r**2) / (1 + rho**2))  # qm_r = branch_gsc * rho
-    return BlockGSC(gsc_block, branch, rho, predicted), layer_finite(lj)
+def _qm(J: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.sum(J**2, axis=(-2, -1)) / J.shape[-1])
 
 
 @partial(jax.jit, static_argnums=0)
-def _chain_block_gsc(chain: Chain, params, xs):
-    cp = chain_pass(chain, params, xs)
+def _block_gsc(model: Model, params: Params, xs):
+    tr = trace(model, params, xs, blocks=True)
     fields = []
-    for i in _blocks_from_output(chain):
-        h, out = _block_input(cp, i), cp.outputs[i]
-        s, r = cp.skips[i], cp.branches[i]
-        d = h.shape[-1]
-        n_h, n_s, n_r = (jnp.linalg.norm(v, axis=-1) for v in (h, s, r))
-        qm_block, qm_s, qm_r = (
-            jnp.sqrt(jnp.sum(J**2, axis=(-2, -1)) / d)
-            for J in (cp.units[i], cp.skip_units[i], cp.branch_units[i])
+    for r in _blocks(tr):
+        n_h, n_s, n_r, n_out = (
+            jnp.linalg.norm(v, axis=-1) for v in (r.inp, r.skip, r.branch, r.out)
         )
+        qm_block, qm_r = _qm(r.jac), _qm(r.branch_jac)
+        qm_s = jnp.ones_like(qm_r) if r.skip_jac is None else _qm(r.skip_jac)
         rho = n_r / n_s
         branch = jnp.where(n_r > 0, qm_r * n_h / jnp.where(n_r > 0, n_r, 1.0), jnp.nan)
         # skip GSC g_s = qm_s n_h / n_s and branch GSC g_r: sqrt((g_s^2 + g_r^2 rho^2) /
         # (1 + rho^2)), written without dividing by n_r.
         predicted = n_h / n_s * jnp.sqrt((qm_s**2 + qm_r**2) / (1 + rho**2))
-        gsc_block = qm_block * n_h / jnp.linalg.norm(out, axis=-1)
-        fields.append((gsc_block, branch, rho, predicted))
-    return BlockGSC(*(jnp.stack(f, axis=1) for f in zip(*fields, strict=True))), chain_finite(cp)
+        fields.append((qm_block * n_h / n_out, branch, rho, predicted))
+    joined = (per_layer(list(f)) for f in zip(*fields, strict=True))
+    return BlockGSC(*joined), finite_layers(tr)
 
 
-def block_gsc(net: Network | Chain, params: Params, x: jax.Array) -> BlockGSC:
+def block_gsc(net: Model, params: Params, x) -> BlockGSC:
     """Measured and predicted GSC across every residual block (see :class:`BlockGSC`).
 
     Args:
-        net: a residual network with ``block_order="pre"`` (output ``f + alpha r(f)``),
-            or a :class:`~jacobian_lab.Chain` with :class:`~jacobian_lab.Residual` layers;
-            params: its parameters.
+        net: any model with residual blocks without a post-activation (a
+            :func:`~jacobian_lab.resmlp` with ``block_order="pre"``, a chain with
+            :class:`~jacobian_lab.Residual` layers); params: its parameters.
         x: inputs ``(B, in_dim)`` (batch norm: one batch, or ``(S, B, in_dim)``; a chain:
             a pytree with a leading sample axis).
 
     Returns:
-        :class:`BlockGSC`, fields ``(S, depth)`` (a chain: ``(S, number of residual
-        layers)``, nearest the output first). With a skip ``s`` other than the identity
-        (a projection), ``branch_ratio`` is ``||r|| / ||s||`` and the prediction weights
-        the skip's own GSC ``qm(J_s) ||f|| / ||s||`` in place of 1.
+        :class:`BlockGSC`, fields ``(S, number of blocks)``, nearest the output first.
+        With a skip ``s`` other than the identity (a projection), ``branch_ratio`` is
+        ``||r|| / ||s||`` and the prediction weights the skip's own GSC
+        ``qm(J_s) ||f|| / ||s||`` in place of 1.
     """
-    _require_residual(net)
-    if isinstance(net, Chain):
-        out, ok = _chain_block_gsc(net, params, samples(net, x))
-        check_layers_finite(ok, net)
-        return out
-    if net.block_order != "pre":
-        raise ValueError(
-            "block_gsc needs block_order='pre': with a post-activation the block's "
-            "Jacobian is not I + J_r"
-        )
-    out, ok = _block_gsc(net, params, samples(net, x))
-    check_layers_finite(ok, net)
+    require_blocks(net, pre=True)
+    out, ok = _block_gsc(net, params, net.samples(x))
+    check_finite(ok, net)
     return out

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jacobian_lab.jacobians import jacobian
+from jacobian_lab.layered import input_to_layer_jacobians
 from jacobian_lab.matrix_free import (
     Estimate,
     choose_method,
@@ -108,8 +109,8 @@ def prefix_singular_values(net, params, x: jax.Array, depths) -> jax.Array:
     (the prefix network of depth ``D``), for each ``D`` in ``depths``, from one pass.
 
     Args:
-        net, params: a network and its parameters (prefixes of ``net.num_layers`` layers
-            at most).
+        net, params: any model whose layers after the first keep one size, and its
+            parameters (prefixes of ``net.num_layers`` layers at most).
         x: inputs ``(B, in_dim)`` (batch norm: one batch, or ``(S, B, in_dim)``).
         depths: prefix depths, each in ``1 .. net.num_layers``.
 
@@ -117,8 +118,6 @@ def prefix_singular_values(net, params, x: jax.Array, depths) -> jax.Array:
         ``(S, len(depths), min(d, d_in))``, descending: the singular values of
         ``d f_{L-D} / d x`` (GSC-paper indexing) for sample ``s`` and depth ``depths[j]``.
     """
-    from jacobian_lab.layered import input_to_layer_jacobians
-
     L = net.num_layers
     depths = [int(D) for D in depths]
     if not depths or min(depths) < 1 or max(depths) > L:

@@ -18,6 +18,8 @@ can be compared knowing exactly what was run:
 
 from __future__ import annotations
 
+import warnings
+
 from jacobian_lab.networks import Network, mlp, resmlp
 
 ACTIVATION_SIGMA_W = {"relu": 2.0**0.5, "tanh": 1.0, "selu": 1.0}
@@ -25,7 +27,7 @@ _NORM_PREFIX = {"none": "", "layer": "layer-", "batch": "batch-"}
 
 
 def paper_architectures(
-    depth: int = 50, width: int = 100, dtype: str = "float32"
+    *, depth: int = 50, width: int = 100, dtype: str = "float32"
 ) -> dict[str, Network]:
     """Every architecture family of the GSC paper, keyed by name (see module docstring).
 
@@ -67,10 +69,26 @@ def paper_architectures(
     return archs
 
 
-def architecture(name: str, depth: int = 50, width: int = 100, dtype: str = "float32") -> Network:
+def architecture(
+    name: str, *legacy, depth: int = 50, width: int = 100, dtype: str = "float32"
+) -> Network:
     """One architecture of :func:`paper_architectures` by name; ``ValueError`` lists the
-    names when ``name`` is unknown."""
-    archs = paper_architectures(depth, width, dtype)
+    names when ``name`` is unknown. ``depth`` counts dense layers (a ResNet gets
+    ``depth // 2`` two-layer blocks). Passing depth, width and dtype by position is
+    deprecated."""
+    if legacy:
+        warnings.warn(
+            "architecture(name, depth, width, dtype) by position is deprecated: pass "
+            "depth=, width=, dtype= by keyword",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        depth, width, dtype = (
+            (*legacy, width, dtype)[:3]
+            if len(legacy) == 1
+            else ((*legacy, dtype)[:3] if len(legacy) == 2 else legacy[:3])
+        )
+    archs = paper_architectures(depth=depth, width=width, dtype=dtype)
     if name not in archs:
         raise ValueError(f"unknown architecture {name!r}; expected one of: {', '.join(archs)}")
     return archs[name]

@@ -53,7 +53,7 @@ def test_chain_of_a_builtin_network_gives_its_numbers(key, residual):
     ):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     if residual:
-        assert ch.block_outputs == tuple(range(net.depth))
+        assert ch.block_outputs == tuple(range(net.num_blocks))
         for fn in (jl.block_gsc, jl.pythagorean_decomposition):
             for a, b in zip(fn(ch, cp, x), fn(net, params, x), strict=True):
                 np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
@@ -98,16 +98,16 @@ def test_gsc_of_a_mixed_chain_matches_jacfwd_of_each_sub_chain(key):
     for s in range(2):
         # layer values f_3 = x, f_2, f_1, f_0
         vals = [xs[s]]
-        for a, p in zip(ch.applies, params, strict=True):
-            vals.append(a(p, vals[-1]))
+        for stage, p in zip(ch.stages, params, strict=True):
+            vals.append(stage.apply(p, vals[-1]))
         f = vals[::-1]  # f[l]
         for k in range(1, 4):
             flat_k, unravel = ravel_pytree(f[k])
 
             def tail(v, k=k, unravel=unravel):
                 h = unravel(v)
-                for a, p in list(zip(ch.applies, params, strict=True))[3 - k :]:
-                    h = a(p, h)
+                for stage, p in list(zip(ch.stages, params, strict=True))[3 - k :]:
+                    h = stage.apply(p, h)
                 return ravel_pytree(h)[0]
 
             J = jax.jacfwd(tail)(flat_k)
@@ -193,7 +193,7 @@ def test_wrong_input_shape_names_the_layer_and_the_shape(key):
 
 
 def test_layer_returning_no_float_array_is_rejected(key):
-    from jacobian_lab.chain import LayerOutputError
+    from jacobian_lab.model import LayerOutputError
 
     W = jax.random.normal(key, (4, 4), jnp.float64)
     for bad in (lambda W, h: None, lambda W, h: (W @ h).astype(jnp.int32)):
@@ -231,7 +231,7 @@ def test_other_bad_input(key):
     mixed, mp = _mixed_chain(key)
     with pytest.raises(ValueError, match="needs every layer after the first"):
         jl.layer_to_layer_jacobians(mixed, mp, jnp.ones((1, 5, 5, 2)))
-    with pytest.raises(TypeError, match="needs a jacobian_lab Network"):
+    with pytest.raises(TypeError, match="pass init="):
         jl.gsc_over_seeds(ch, jax.random.split(key, 2), _x(2, 4))
 
 
@@ -245,5 +245,5 @@ def test_non_finite_layer_is_named(key):
         ],
         names=["lin", "log", "sin"],
     )
-    with pytest.raises(FloatingPointError, match=r"layer 1 \('log'\) of the chain"):
+    with pytest.raises(FloatingPointError, match=r"f_1 = output of 'log' \(layer 2 of 3 from the input\)"):
         jl.gsc(ch, params, _x(2, 3))

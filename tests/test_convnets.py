@@ -135,13 +135,12 @@ def test_residual_diagnostics_on_a_conv_resnet(key):
 def test_cifar_shaped_gsc_goes_matrix_free(key):
     """A 32 x 32 x 16 layer has a 16384 x 16384 Jacobian: 1 GiB in float32, more than the
     default budget with its running product, so method='auto' estimates it matrix-free."""
-    from jacobian_lab.gsc import _dense_gsc_bytes
-    from jacobian_lab.layered import samples
+    from jacobian_lab.gsc import dense_gsc_bytes
 
     net = jl.resconvnet(2, 16, "relu", norm="layer")
     p = net.init(key)
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 32, 32, 3))
-    assert _dense_gsc_bytes(net, p, samples(net, x)) > 2**30
+    assert dense_gsc_bytes(net, p, net.samples(x)) > 2**30
     g = jl.gsc(net, p, x, num_probes=8)
     assert g.shape == (1, 4) and bool(jnp.all(jnp.isfinite(g)))
 
@@ -154,7 +153,7 @@ def test_conv_bad_input(key):
     with pytest.raises(ValueError, match="unknown activation"):
         jl.convnet(2, 4, "relux")
     net = jl.convnet(2, 4, "relu", image_size=8)
-    with pytest.raises(ValueError, match=r"images of shape \(batch, 8, 8, 3\) \(NHWC\)"):
+    with pytest.raises(ValueError, match=r"inputs of shape \(batch, 8, 8, 3\)"):
         jl.gsc(net, net.init(key), jnp.ones((2, 8, 8, 4)))
 
 

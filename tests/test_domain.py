@@ -54,7 +54,7 @@ def test_deep_relu_network_collapses_its_domain(key):
 
 
 def test_domain_statistics_bad_input(key):
-    with pytest.raises(ValueError, match="plain network"):
+    with pytest.raises(ValueError, match="layer 0 \\('stem'\\) has none"):
         net = jl.resmlp(2, 4, "relu")
         jl.domain_statistics(net, net.init(key), jnp.ones((3, 4)))
     net = jl.mlp(2, 4, "relu")

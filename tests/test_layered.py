@@ -145,7 +145,7 @@ def test_non_finite_network_names_the_first_bad_layer(key):
     params = net.init(key)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 16), jnp.float32)
     with pytest.raises(
-        FloatingPointError, match=r"layer f_3 .*dense layer/block 7 counted from the input"
+        FloatingPointError, match=r"f_3 = output of 'dense7' \(layer 7 of 10 from the input\)"
     ):
         jl.gsc(net, params, x)
     with pytest.raises(FloatingPointError, match="f_3"):

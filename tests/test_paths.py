@@ -55,7 +55,7 @@ def test_network_path_gradients_match_backpropagation(key):
 
 def test_path_gradients_need_pre_activation_residual_blocks(key):
     net = jl.mlp(3, 4, "relu")
-    with pytest.raises(ValueError, match="residual network"):
+    with pytest.raises(ValueError, match="no residual blocks"):
         jl.path_gradients(net, net.init(key), jnp.ones((2, 4)), key)
     with pytest.raises(ValueError, match="num_paths must be >= 1"):
         path_decomposition(jnp.zeros((2, 3, 3)), jnp.zeros(3), key, num_paths=0)

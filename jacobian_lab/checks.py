@@ -1,4 +1,4 @@
-"""Input validation shared by the public functions (private)."""
+"""Checks shared by the public functions: traced values, finiteness."""
 
 from __future__ import annotations
 

@@ -1,0 +1,209 @@
+"""The forward driver: what every dense diagnostic reads, from one pass.
+
+:func:`jacobian_lab.model.walk` runs the stages of any model on one sample (a Python loop
+over the few stages, ``lax.scan`` inside a repeated one, so the traced program does not
+grow with depth) and hands every layer to a *tap*. Here the taps:
+
+* :func:`trace` records what the dense diagnostics read, per sample and per layer: the
+  flattened output, the Jacobian with respect to the layer below, the pre-activation, and
+  for residual blocks the input, skip and branch with their Jacobians;
+* :func:`jacobian_lab.model.forward` (the perturbation tap) runs the model with a
+  perturbation added to every layer's output, so that one ``jax.vjp`` gives
+  ``d f_0 / d f_l`` applied to a probe at every layer at once (the matrix-free
+  estimators).
+
+Records come per *segment*: a single layer or block gives a segment of one layer, a
+repeated stage one segment of ``n`` layers (stacked by the scan), or ``n`` segments of one
+when its copies change the shape of what they carry. Every field of a record has a leading
+layer axis, in forward order; :func:`per_layer` joins a per-layer quantity over segments
+and turns it into GSC-paper order (``f_0`` = output first). Layer outputs are flattened
+with :func:`jax.flatten_util.ravel_pytree` (leaves in ``jax.tree_util`` order, each
+row-major).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from jacobian_lab.checks import is_traced
+from jacobian_lab.model import Layer, Model, Tap, apply_unit, require_float_arrays, walk
+
+
+class Record(NamedTuple):
+    """What :func:`trace` keeps of each layer; every field has a leading layer axis ``n``
+    (forward order within the segment), and a leading sample axis ``S`` once vmapped.
+    Fields not asked for, or not defined for the layer, are ``None``.
+
+    Fields:
+        out: ``(n, d_out)``; the flattened layer output.
+        jac: ``(n, d_out, d_in)``; its Jacobian with respect to the layer's input.
+        pre: ``(n, d_pre)``; the value fed into the layer's nonlinearity.
+        inp: ``(n, d_in)``; the block's input ``h`` (blocks only).
+        skip, branch: ``(n, d_out)``; ``s = skip(h)`` and ``r = branch(h)`` (blocks only).
+        skip_jac: ``(n, d_out, d_in)``; ``d s / d h``, ``None`` for an identity skip.
+        branch_jac: ``(n, d_out, d_in)``; ``d r / d h``.
+    """
+
+    out: jax.Array
+    jac: jax.Array | None = None
+    pre: jax.Array | None = None
+    inp: jax.Array | None = None
+    skip: jax.Array | None = None
+    branch: jax.Array | None = None
+    skip_jac: jax.Array | None = None
+    branch_jac: jax.Array | None = None
+
+
+class Trace(NamedTuple):
+    """One pass of :func:`trace`.
+
+    Fields:
+        x: ``(S, d_in)``; the flattened inputs ``f_L``.
+        records: one :class:`Record` per segment, from the input to the output.
+    """
+
+    x: jax.Array
+    records: tuple
+
+
+# -- the dense record ------------------------------------------------------------------
+
+
+def flat_jacobian(fn, flat: jax.Array):
+    """``(J, out, aux)`` for ``fn(flat) -> (out, aux)`` with ``out`` any pytree:
+    ``J = d ravel(out) / d flat`` of shape ``(size out, size flat)``, forward or reverse
+    mode (whichever needs fewer passes), ``out`` and ``aux`` from the same pass."""
+
+    def wrapped(v):
+        out, aux = fn(v)
+        require_float_arrays(out)
+        return ravel_pytree(out)[0], (out, aux)
+
+    m = jax.eval_shape(lambda v: wrapped(v)[0], flat).shape[0]
+    jac = jax.jacfwd if flat.shape[0] <= m else jax.jacrev
+    J, (out, aux) = jac(wrapped, has_aux=True)(flat)
+    return J, out, aux
+
+
+def _flat(tree) -> jax.Array:
+    return ravel_pytree(tree)[0]
+
+
+def _record_tap(jac: bool, blocks: bool, pre: bool) -> Tap:
+    def value(fn, flat):
+        if jac:
+            return flat_jacobian(fn, flat)
+        out, aux = fn(flat)
+        require_float_arrays(out)
+        return None, out, aux
+
+    def tap(unit, p, h, _):
+        flat, unravel = ravel_pytree(h)
+        if isinstance(unit, Layer):
+            if pre:
+                J, out, z = value(lambda v: unit.preactivation(p, unravel(v)), flat)
+                return out, Record(_flat(out), J, pre=_flat(z))
+            J, out, _ = value(lambda v: (unit.apply(p, unravel(v)), None), flat)
+            return out, Record(_flat(out), J)
+        if not blocks:
+            J, out, _ = value(lambda v: (apply_unit(unit, p, unravel(v)), None), flat)
+            return out, Record(_flat(out), J)
+        J_r, r, _ = value(lambda v: (unit.branch(p, unravel(v)), None), flat)
+        if unit.skip is None:
+            J_s, s = None, h
+        else:
+            J_s, s, _ = value(lambda v: (unit.skip(p, unravel(v)), None), flat)
+        z = jax.tree_util.tree_map(jnp.add, s, r)
+        J = None
+        if jac:
+            J = (jnp.eye(flat.shape[0], dtype=J_r.dtype) if J_s is None else J_s) + J_r
+        if unit.post is None:
+            out = z
+        else:
+            J_post, out, _ = value(lambda v: (unit.post(ravel_unravel(z)(v)), None), _flat(z))
+            J = None if J is None else J_post @ J
+        return out, Record(_flat(out), J, None, flat, _flat(s), _flat(r), J_s, J_r)
+
+    return tap
+
+
+def ravel_unravel(tree):
+    return ravel_pytree(tree)[1]
+
+
+@partial(jax.jit, static_argnums=0, static_argnames=("jac", "blocks", "pre"))
+def trace(
+    model: Model, params, xs, *, jac: bool = True, blocks: bool = False, pre: bool = False
+) -> Trace:
+    """One pass over the samples ``xs`` (from ``model.samples(x)``), recording per layer
+    its flattened output and, as asked, its Jacobian (``jac``), the residual blocks' parts
+    (``blocks``) and the pre-activations (``pre``). See :class:`Record`.
+
+    Cost with ``jac``: one forward-mode pass per layer with as many tangents as the layer
+    has inputs (reverse mode where the output is smaller), memory ``S`` times the sum of
+    the layers' Jacobian sizes.
+    """
+    tap = _record_tap(jac, blocks, pre)
+
+    def one(x):
+        _, records = walk(model, params, x, tap)
+        return _flat(x), tuple(records)
+
+    x_flat, records = jax.vmap(one)(xs)
+    return Trace(x_flat, records)
+
+
+# -- per-layer bookkeeping, in GSC-paper order -----------------------------------------
+
+
+def per_layer(values: list) -> jax.Array:
+    """Join per-segment arrays ``(S, n_i, ...)`` (forward order) into ``(S, L, ...)`` in
+    GSC-paper order (index ``l`` = ``f_l``, ``0`` = output)."""
+    return jnp.concatenate(values, axis=1)[:, ::-1]
+
+
+def sq_lengths(tr: Trace) -> jax.Array:
+    """``(S, L+1)``: ``||f_l||^2`` for ``l = 0 .. L`` (``f_L = x``)."""
+    hidden = per_layer([jnp.sum(r.out**2, axis=-1) for r in tr.records])
+    return jnp.concatenate([hidden, jnp.sum(tr.x**2, axis=-1)[:, None]], axis=1)
+
+
+def layer_sizes(tr: Trace) -> tuple[int, ...]:
+    """Flat sizes ``(d_0, ..., d_L)`` of ``f_0 .. f_L`` (static)."""
+    sizes = [int(r.out.shape[-1]) for r in tr.records for _ in range(r.out.shape[1])]
+    return (*sizes[::-1], int(tr.x.shape[-1]))
+
+
+def finite_layers(tr: Trace) -> jax.Array:
+    """``(L,)`` booleans in GSC-paper order: whether layer ``f_l``'s output and every
+    recorded Jacobian of it are finite for every sample."""
+
+    def ok(r: Record):
+        axes = lambda a: tuple(i for i in range(a.ndim) if i != 1)  # noqa: E731
+        fields = [a for a in (r.out, r.jac, r.skip_jac, r.branch_jac, r.pre) if a is not None]
+        return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a), axis=axes(a)) for a in fields]), 0)
+
+    return jnp.concatenate([ok(r) for r in tr.records])[::-1]
+
+
+def check_finite(ok: jax.Array, model: Model) -> None:
+    """Raise ``FloatingPointError`` unless every entry of ``ok`` (GSC-paper order, from
+    :func:`finite_layers`) holds, naming the first bad layer counted from the input.
+    Does nothing under tracing."""
+    if is_traced(ok):
+        return
+    ok = np.asarray(ok)
+    if ok.all():
+        return
+    first = int(np.flatnonzero(~ok)[-1])  # the largest index is the closest to the input
+    raise FloatingPointError(
+        f"the network went non-finite first at {model.layer_label(first)} (GSC-paper "
+        f"indexing, f_0 = output, f_{ok.shape[0]} = input): its output or Jacobian holds "
+        "inf or NaN. Try float64, a smaller depth or a smaller weight scale."
+    )

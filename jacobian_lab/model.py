@@ -1,0 +1,333 @@
+"""The one model representation: a sequence of stages applied to one sample.
+
+::
+
+    model  = (stage, stage, ...)                  applied in order to one sample
+    stage  = Layer(apply)                         h -> apply(p, h)              1 layer output
+           | Block(branch, skip=None, post=None)  h -> post(skip(p, h) + branch(p, h))
+                                                                                1 layer output
+           | Repeat(Layer | Block, n)             n copies with stacked params under
+                                                  lax.scan                      n layer outputs
+
+Every model, built in (:func:`~jacobian_lab.mlp`, :func:`~jacobian_lab.resmlp`,
+:func:`~jacobian_lab.convnet`, :func:`~jacobian_lab.resconvnet`) or brought
+(:func:`~jacobian_lab.chain` over plain JAX, Flax or Equinox layers), is a :class:`Model`:
+its ``stages``, one name per layer output, ``batch_coupled`` and ``stage_params`` (the
+params of each stage, a repeated stage's stacked on a leading axis of length ``n``). The
+forward driver (:mod:`jacobian_lab.driver`) is the only code that walks stages; every
+diagnostic reads what the driver records.
+
+**Indexing** (the GSC paper, Philipp, Song & Carbonell, arXiv 1712.05577): the ``L``
+layer outputs are counted from the output, ``f_0`` = output, ``f_{L-1}`` = the first
+layer's output, ``f_L = x``; ``J_k^l = d f_l / d f_k`` for ``k >= l``.
+
+**Samples.** Stage functions map one *sample* to one sample. For per-example models a
+sample is one input (a vector, an image, a pytree); a batch-coupled model (batch
+normalization with batch statistics) is a function of the whole batch, so one sample is a
+batch ``(B, ...)`` and its Jacobians are taken with respect to the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Params = Any
+"""A params pytree: a model's own layout (a dict for built-in networks, a tuple with one
+entry per stage for :func:`~jacobian_lab.chain`)."""
+
+Apply = Callable[[Any, Any], Any]
+
+
+class Layer(NamedTuple):
+    """A stage that is one layer, ``h -> apply(p, h)``.
+
+    Fields:
+        apply: ``(p, h) -> h'`` on one sample.
+        preactivation: optional ``(p, h) -> (h', z)``, the same output together with the
+            value ``z`` fed into the layer's nonlinearity (the collapsing-domain statistics
+            of :func:`~jacobian_lab.domain_statistics` need it). ``None``: unknown.
+    """
+
+    apply: Apply
+    preactivation: Callable[[Any, Any], tuple[Any, Any]] | None = None
+
+
+class Block(NamedTuple):
+    """A residual block, ``h -> post(skip(p, h) + branch(p, h))``: one layer output.
+
+    Fields:
+        branch: ``(p, h) -> r`` (``p`` is the block's params; the branch picks its part).
+        skip: ``(p, h) -> s``, or ``None`` for the identity ``s = h``.
+        post: a parameter-free ``z -> h'`` after the sum (the original ResNet's
+            activation), or ``None`` (a pre-activation block, output ``s + r``).
+    """
+
+    branch: Apply
+    skip: Apply | None = None
+    post: Callable[[Any], Any] | None = None
+
+
+class Repeat(NamedTuple):
+    """``n`` copies of a :class:`Layer` or :class:`Block` whose params are stacked on a
+    leading axis of length ``n``; the driver runs them under ``lax.scan`` (compile time
+    does not grow with ``n``) when a copy's output has its input's shape, and one by one
+    otherwise.
+    """
+
+    stage: Layer | Block
+    n: int
+
+
+Stage = Layer | Block | Repeat
+
+
+def stage_size(stage: Stage) -> int:
+    """Number of layer outputs a stage produces."""
+    return stage.n if isinstance(stage, Repeat) else 1
+
+
+def unit_of(stage: Stage) -> Layer | Block:
+    """The layer or block a stage repeats (the stage itself when it is not a Repeat)."""
+    return stage.stage if isinstance(stage, Repeat) else stage
+
+
+class Model:
+    """Base of every model: ``stages``, ``names`` (one per layer output, from the input),
+    ``batch_coupled`` and :meth:`stage_params`. Subclasses: :class:`~jacobian_lab.Network`
+    (built-in; also :class:`~jacobian_lab.ConvNetwork`) and :class:`~jacobian_lab.Chain`
+    (brought)."""
+
+    stages: tuple
+    names: tuple
+    batch_coupled: bool
+
+    def stage_params(self, params: Params) -> tuple:
+        """The params of each stage, in stage order."""
+        raise NotImplementedError
+
+    def samples(self, x: Any) -> Any:
+        """Check ``x`` and split it into samples: a pytree whose leaves have a leading
+        sample axis ``S`` (``S`` inputs, or ``S`` batches for a batch-coupled model)."""
+        raise NotImplementedError
+
+    def init(self, key: jax.Array) -> Params:
+        """Draw params (built-in models; a chain's come with it)."""
+        raise TypeError(
+            f"{type(self).__name__} has no initializer: its params come from the model it "
+            "was built from"
+        )
+
+    @property
+    def num_layers(self) -> int:
+        """L: the number of layer outputs; ``f_L = x`` is the input, ``f_0`` the output."""
+        return sum(stage_size(s) for s in self.stages)
+
+    @property
+    def block_outputs(self) -> tuple[int, ...]:
+        """GSC-paper index ``l`` of every residual block's output ``f_l``, nearest the
+        output first: the order of the block axis of the block diagnostics."""
+        out, i = [], 0
+        for s in self.stages:
+            n = stage_size(s)
+            if isinstance(unit_of(s), Block):
+                out += range(i, i + n)
+            i += n
+        return tuple(sorted(self.num_layers - 1 - j for j in out))
+
+    def layer_label(self, l: int) -> str:
+        """A readable name of the layer whose output is ``f_l`` (GSC-paper index)."""
+        L = self.num_layers
+        i = L - 1 - l
+        return f"f_{l} = output of {self.names[i]!r} (layer {i + 1} of {L} from the input)"
+
+
+def check_stage_params(model: Model, params: Params) -> tuple:
+    """The per-stage params of ``model``, with a clear error when ``params`` has the wrong
+    number of stages or a repeated stage's leading axis is not its number of copies."""
+    try:
+        per_stage = tuple(model.stage_params(params))
+    except (KeyError, TypeError, IndexError) as err:
+        raise ValueError(
+            f"params do not fit this {type(model).__name__}: {type(err).__name__}: {err}. "
+            "Pass the params made for it (model.init(key), or the params chain() returned)"
+        ) from err
+    if len(per_stage) != len(model.stages):
+        raise ValueError(
+            f"params has {len(per_stage)} entries for a model of {len(model.stages)} stages; "
+            "pass the params made for this model (model.init(key), or those chain() returned)"
+        )
+    for i, (s, p) in enumerate(zip(model.stages, per_stage, strict=True)):
+        if isinstance(s, Repeat):
+            lead = {int(a.shape[0]) for a in jax.tree_util.tree_leaves(p) if a.ndim > 0}
+            if lead and lead != {s.n}:
+                raise ValueError(
+                    f"stage {i} repeats {s.n} layers, but its params have leading axes "
+                    f"{sorted(lead)}: pass the params made for this model"
+                )
+    return per_stage
+
+
+def validate_names(names: Sequence[str], num_layers: int) -> tuple[str, ...]:
+    names = tuple(str(n) for n in names)
+    if len(names) != num_layers:
+        raise ValueError(f"got {len(names)} names for {num_layers} layers")
+    return names
+
+
+# -- running the stages -------------------------------------------------------------
+
+
+class LayerOutputError(TypeError):
+    """A layer returned something other than float arrays."""
+
+
+def apply_unit(unit: Layer | Block, p, h):
+    """Output of one layer or block on one sample."""
+    if isinstance(unit, Layer):
+        return unit.apply(p, h)
+    r = unit.branch(p, h)
+    s = h if unit.skip is None else unit.skip(p, h)
+    z = jax.tree_util.tree_map(jnp.add, s, r)
+    return z if unit.post is None else unit.post(z)
+
+
+def require_float_arrays(out) -> None:
+    """Raise :class:`LayerOutputError` unless ``out`` is a non-empty pytree of float arrays."""
+    leaves = jax.tree_util.tree_leaves(out)
+    if not leaves or not all(
+        hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.inexact) for v in leaves
+    ):
+        raise LayerOutputError(
+            f"returned {out!r}, but every layer must return a float array or a pytree of "
+            "float arrays (wrap a layer that returns extra state, such as (y, state), so "
+            "that it returns y alone)"
+        )
+
+
+def _same_shapes(a, b) -> bool:
+    sa, sb = (jax.tree_util.tree_structure(t) for t in (a, b))
+    if sa != sb:
+        return False
+    return all(
+        u.shape == v.shape and u.dtype == v.dtype
+        for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )
+
+
+def _index(tree, i):
+    return jax.tree_util.tree_map(lambda a: a[i], tree)
+
+
+def _lead(tree):
+    return jax.tree_util.tree_map(lambda a: a[None], tree)
+
+
+Tap = Callable[[Layer | Block, Any, Any, Any], tuple[Any, Any]]
+
+
+def walk(model: Model, params, x, tap: Tap, extras: list | None = None) -> tuple[Any, list]:
+    """Run ``model`` on one sample ``x``, handing each layer to ``tap``: the one loop
+    over stages (a Python loop over the few stages, ``lax.scan`` inside a repeated one).
+
+    Args:
+        tap: ``(unit, p, h, extra) -> (h_next, record)`` for one layer or block with its
+            params ``p`` and input ``h``; ``record`` is any pytree.
+        extras: per segment (as returned by an earlier walk of the same model and shapes),
+            a pytree with a leading layer axis handed to ``tap`` layer by layer; ``None``
+            hands ``None``.
+
+    Returns:
+        ``(f_0, records)`` with one record per segment, each stacked on a leading layer
+        axis. Errors raised while tracing a layer name it.
+    """
+    per_stage = check_stage_params(model, params)
+    h, records, first = x, [], 0
+    for stage, p in zip(model.stages, per_stage, strict=True):
+        if not isinstance(stage, Repeat):
+            e = None if extras is None else _index(extras[len(records)], 0)
+            h, rec = _named(model, first, h, tap, stage, p, h, e)
+            records.append(_lead(rec))
+            first += 1
+            continue
+        unit = stage.stage
+        carried = _named(
+            model, first, h, jax.eval_shape, partial(apply_unit, unit), _index(p, 0), h
+        )
+        if _same_shapes(carried, h):
+            e = None if extras is None else extras[len(records)]
+
+            def step(c, pe, unit=unit):
+                return tap(unit, pe[0], c, pe[1])
+
+            h, rec = _named(model, first, h, jax.lax.scan, step, h, (p, e))
+            records.append(rec)
+        else:  # the copies change the carried shape (e.g. strided convs): one at a time
+            for i in range(stage.n):
+                e = None if extras is None else _index(extras[len(records)], 0)
+                h, rec = _named(model, first + i, h, tap, unit, _index(p, i), h, e)
+                records.append(_lead(rec))
+        first += stage.n
+    return h, records
+
+
+def _named(model: Model, i: int, h, fn, *args):
+    """``fn(*args)`` for layer ``i`` (from the input) at input ``h``, re-raising an error
+    with the layer's index, name and the shape of the sample it got."""
+    try:
+        return fn(*args)
+    except jax.errors.UnexpectedTracerError as e:
+        raise tracer_hint(e, i, model.names[i]) from e
+    except LayerOutputError as e:
+        raise LayerOutputError(f"layer {i} ({model.names[i]!r}) {e}") from None
+    except Exception as e:
+        shapes = jax.tree_util.tree_map(jnp.shape, h)
+        raise ValueError(
+            f"layer {i} ({model.names[i]!r}) failed on a sample of shape {shapes} "
+            f"(x without its leading sample axis): {type(e).__name__}: {e}\nEach layer "
+            "is applied to one sample (one batch for a batch-norm model): check the input's "
+            "shape against what that layer expects."
+        ) from e
+
+
+def tracer_hint(e: Exception | None, i: int, name: str) -> Exception:
+    said = f"\nJAX said: {e}" if e is not None else ""
+    return jax.errors.UnexpectedTracerError(
+        f"layer {i} ({name!r}) closes over a tracer: a value traced by another JAX "
+        "transformation (e.g. a layer built inside jax.jit from that function's "
+        "arguments), which is gone once that transformation returns. Pass the arrays the "
+        "layer needs as its params, (apply, params) with apply(params, h), instead of "
+        "closing over them." + said
+    )
+
+
+def forward(model: Model, params, x, eps: list | None = None) -> tuple[Any, list]:
+    """``model`` on one sample ``x`` with ``eps`` added to every layer's output.
+
+    Args:
+        eps: per segment, a pytree like that segment's stacked outputs (as returned by
+            ``forward`` itself); ``None`` adds nothing.
+
+    Returns:
+        ``(f_0, outputs)``: outputs per segment, stacked on a leading layer axis, so that
+        ``d f_0 / d eps`` is ``d f_0 / d f_l`` at every layer.
+    """
+
+    def tap(unit, p, h, e):
+        out = apply_unit(unit, p, h)
+        require_float_arrays(out)
+        if e is not None:
+            out = jax.tree_util.tree_map(jnp.add, out, e)
+        return out, out
+
+    return walk(model, params, x, tap, eps)
+
+
+def zero_perturbations(model: Model, params, x) -> list:
+    """Zeros shaped like :func:`forward`'s per-segment outputs for one sample ``x``."""
+    outs = jax.eval_shape(lambda v: forward(model, params, v)[1], x)
+    return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), outs)
