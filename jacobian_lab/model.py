@@ -255,19 +255,28 @@ def walk(model: Model, params, x, tap: Tap, extras: list | None = None) -> tuple
             first += 1
             continue
         unit = stage.stage
-        carried = _named(
-            model, first, h, jax.eval_shape, partial(apply_unit, unit), _index(p, 0), h
-        )
-        if _same_shapes(carried, h):
+        start = 0
+        for attempt in range(2):  # the first copy may promote the carry (e.g. to float64)
+            rest = p if start == 0 else jax.tree_util.tree_map(lambda a: a[1:], p)
+            carried = _named(
+                model, first, h, jax.eval_shape, partial(apply_unit, unit), _index(rest, 0), h
+            )
+            if _same_shapes(carried, h) or attempt == 1 or stage.n == 1:
+                break
+            e = None if extras is None else _index(extras[len(records)], 0)
+            h, rec = _named(model, first, h, tap, unit, _index(p, 0), h, e)
+            records.append(_lead(rec))
+            start = 1
+        if _same_shapes(carried, h) and stage.n - start > 1:
             e = None if extras is None else extras[len(records)]
 
             def step(c, pe, unit=unit):
                 return tap(unit, pe[0], c, pe[1])
 
-            h, rec = _named(model, first, h, jax.lax.scan, step, h, (p, e))
+            h, rec = _named(model, first + start, h, jax.lax.scan, step, h, (rest, e))
             records.append(rec)
         else:  # the copies change the carried shape (e.g. strided convs): one at a time
-            for i in range(stage.n):
+            for i in range(start, stage.n):
                 e = None if extras is None else _index(extras[len(records)], 0)
                 h, rec = _named(model, first + i, h, tap, unit, _index(p, i), h, e)
                 records.append(_lead(rec))

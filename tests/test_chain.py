@@ -245,5 +245,5 @@ def test_non_finite_layer_is_named(key):
         ],
         names=["lin", "log", "sin"],
     )
-    with pytest.raises(FloatingPointError, match=r"f_1 = output of 'log' \(layer 2 of 3 from the input\)"):
+    with pytest.raises(FloatingPointError, match=r"'log' \(layer 2 of 3 from the input\)"):
         jl.gsc(ch, params, _x(2, 3))

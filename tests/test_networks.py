@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import count_eqns
 
 import jacobian_lab as jl
 
@@ -109,19 +110,6 @@ def test_program_size_does_not_grow_with_depth(key, residual):
         net = make(depth, 4, "tanh")
         params = jax.eval_shape(net.init, key)
         x = jax.ShapeDtypeStruct((2, 4), jnp.float32)
-        return _count_eqns(jax.make_jaxpr(lambda p, v: jl.gsc_matrix(net, p, v))(params, x).jaxpr)
+        return count_eqns(jax.make_jaxpr(lambda p, v: jl.gsc_matrix(net, p, v))(params, x).jaxpr)
 
     assert size(3) == size(60) > 50
-
-
-def _count_eqns(jaxpr) -> int:
-    """Equations in a jaxpr, including those of nested jaxprs (jit, scan bodies)."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        total += 1
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    total += _count_eqns(inner)
-    return total
