@@ -23,6 +23,25 @@ cannot be stacked); ``chain(..., stack=False)`` turns the automatic stacking off
 layer is applied to one sample at a time (no batch axis), so the Jacobians are per
 sample, as for the built-in per-example networks. For Flax modules that expect a batch
 axis, write the layer to take one sample (Flax's ``Dense`` and ``Conv`` accept one).
+
+**Batch normalization with batch statistics.** A model holding a Flax linen
+``BatchNorm(use_running_average=False)``, a Flax NNX ``BatchNorm`` in training mode or an
+Equinox ``BatchNorm`` (``inference=False``), anywhere (inside containers, custom modules,
+residual branches), is a function of the whole batch, as the built-in ``norm="batch"``
+networks are: the chain is ``batch_coupled``, ``x`` is *one* batch whose leaves are
+``(B, ...)``, and every layer takes that whole batch, so the Jacobians are with respect to
+the whole batch. Flax modules take the batch as they are (their updated running
+statistics are computed and thrown away; the modules are not changed); Equinox modules,
+which work on one example, are vmapped over the batch with the BatchNorm's
+``axis_name``, and a model holding state needs it: ``jl.chain(model, state=state)`` with
+``model, state = eqx.nn.make_with_state(Model)(...)``. A BatchNorm with running averages
+(linen ``use_running_average=True``, NNX ``.eval()``, Equinox ``inference=True``) is a
+per-example affine map and leaves the chain per-example. A BatchNorm without scale and
+bias has no params, so like an activation it joins the layer before it
+(``Dense, BatchNorm, relu`` is one layer). ``chain(..., batch_coupled=True)`` makes any
+chain batch-coupled (e.g. plain ``(apply, params)`` layers computing batch statistics);
+it is needed where the mode cannot be read without running the model (a linen BatchNorm
+made inside ``@nn.compact``, or ``use_running_average`` given only at call time).
 """
 
 from __future__ import annotations
@@ -34,7 +53,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab.adapters import Adapted, as_layer, children, same_ident
+from jacobian_lab.adapters import (
+    Adapted,
+    Coupling,
+    Mode,
+    as_layer,
+    batch_coupling,
+    children,
+    same_ident,
+)
 from jacobian_lab.checks import is_traced
 from jacobian_lab.model import Block, Layer, Model, Params, Repeat, forward, tracer_hint, unit_of
 
@@ -71,7 +98,8 @@ class Chain(Model):
     Fields:
         stages: the stages (:mod:`jacobian_lab.model`).
         names: one name per layer output, from the input.
-        batch_coupled: whether one sample is a whole batch (batch statistics).
+        batch_coupled: whether one sample is a whole batch (batch statistics; see the
+            module docstring).
     """
 
     stages: tuple
@@ -87,7 +115,26 @@ class Chain(Model):
         return tuple(params)
 
     def samples(self, x: Any) -> Any:
+        """``x`` split into samples: for a per-example chain ``x`` itself (leaves
+        ``(S, ...)``, ``S`` samples); for a batch-coupled chain ``x`` is *one* batch (leaves
+        ``(B, ...)``, ``B >= 2``), returned with a leading sample axis of 1."""
         leaves = jax.tree_util.tree_leaves(x)
+        if self.batch_coupled:
+            if not leaves or any(jnp.ndim(v) == 0 for v in leaves):
+                raise ValueError(
+                    "a batch-coupled chain (batch statistics) takes x as one batch: a "
+                    "pytree of arrays with a leading batch axis (shape (B, *example_shape))"
+                )
+            sizes = {int(jnp.shape(v)[0]) for v in leaves}
+            if len(sizes) != 1:
+                raise ValueError(
+                    f"every leaf of x needs the same leading batch axis; got sizes {sorted(sizes)}"
+                )
+            if sizes.pop() < 2:
+                raise ValueError("batch norm needs a batch of at least 2 inputs")
+            if not any(is_traced(v) for v in leaves):
+                check_no_leaked_tracers(self)
+            return jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], x)
         if not leaves or any(jnp.ndim(v) == 0 for v in leaves):
             raise ValueError(
                 "a chain takes x as a pytree of arrays with a leading sample axis "
@@ -104,7 +151,8 @@ class Chain(Model):
         return x
 
     def apply(self, params: Params, x: Any) -> Any:
-        """The chain on one sample ``x`` (no sample axis); returns ``f_0``."""
+        """The chain on one sample ``x`` (no sample axis; a whole batch ``(B, ...)`` for a
+        batch-coupled chain); returns ``f_0``."""
         return forward(self, params, x)[0]
 
 
@@ -116,7 +164,12 @@ class _Piece(NamedTuple):
 
 
 def chain(
-    layers: Sequence[Any], names: Sequence[str] | None = None, *, stack: bool = True
+    layers: Sequence[Any],
+    names: Sequence[str] | None = None,
+    *,
+    stack: bool = True,
+    state: Any = None,
+    batch_coupled: bool | None = None,
 ) -> tuple[Chain, tuple]:
     """Describe a layered model as a :class:`Chain` and collect its params.
 
@@ -140,6 +193,16 @@ def chain(
         names: one name per layer after expansion (default ``"layer<i>"`` /
             ``"block<i>"``). These name the layers in error messages.
         stack: stack runs of identical consecutive layers into scanned stages.
+        state: the ``equinox.nn.State`` of an Equinox model holding state (a
+            ``BatchNorm``): ``model, state = eqx.nn.make_with_state(Model)(...)``, then
+            ``jl.chain(model, state=state)``. Each stateful layer is called as
+            ``layer(x, state) -> (y, new_state)`` on a fresh copy of it and ``new_state``
+            is thrown away. (A ``BatchNorm(mode="ema")`` mixes the batch's statistics with
+            the running ones in ``state`` unless it is fresh from ``make_with_state``;
+            ``mode="batch"`` uses the batch's alone.)
+        batch_coupled: ``None`` finds out (see the module docstring); ``True`` makes one
+            sample a whole batch whatever the layers are; ``False`` fails if a layer
+            normalizes with batch statistics.
 
     Returns:
         ``(chain, params)``: the description and a tuple with one params pytree per
@@ -148,11 +211,14 @@ def chain(
         ``(net, params, x)``.
 
     Raises:
-        TypeError: a layer of a kind jacobian_lab cannot read, with what it accepts.
+        TypeError: a layer of a kind jacobian_lab cannot read, with what it accepts; an
+            Equinox model holding state without ``state``.
+        ValueError: ``batch_coupled`` is needed and not given, or contradicts a layer.
     """
     if not isinstance(layers, list | tuple) or isinstance(layers, repeat):
         layers = [layers]
-    pieces = _expand(list(layers))
+    mode = _mode(list(layers), state, batch_coupled)
+    pieces = _expand(list(layers), mode)
     if not pieces:
         raise ValueError("chain() needs at least one layer; got an empty list")
     stages, params = _group(pieces, stack)
@@ -167,23 +233,78 @@ def chain(
             f"got {len(names)} names for {L} layers (after expanding containers "
             "and merging parameter-free layers into the layer before them)"
         )
-    return Chain(tuple(stages), names), tuple(params)
+    return Chain(tuple(stages), names, mode.batch), tuple(params)
 
 
-def _expand(layers: list, run: int | None = None) -> list[_Piece]:
+def _mode(layers: list, state: Any, batch_coupled: bool | None) -> Mode:
+    """Whether the chain is batch-coupled (see :func:`chain`), and the Equinox batch axis."""
+    found: list[Coupling] = []
+
+    def visit(layer):
+        if isinstance(layer, repeat):
+            parts = list(layer.layers)
+        elif isinstance(layer, Residual):
+            parts = [p for p in (layer.branch, layer.skip) if p is not None]
+        else:
+            parts = children(layer)
+        if parts is not None:
+            for p in parts:
+                visit(p)
+            return
+        c = batch_coupling(layer)
+        if c.coupled is not False:
+            found.append(c)
+
+    for layer in layers:
+        visit(layer)
+    coupled = [c for c in found if c.coupled]
+    if batch_coupled is None:
+        unknown = [c for c in found if c.coupled is None]
+        if unknown and not coupled:
+            raise ValueError(
+                f"chain() cannot tell whether {unknown[0].what} normalizes with the batch's "
+                "statistics without running it: pass batch_coupled=True (batch statistics: "
+                "one sample is a whole batch) or batch_coupled=False (running averages)"
+            )
+        batch_coupled = bool(coupled)
+    elif not batch_coupled and coupled:
+        raise ValueError(
+            f"batch_coupled=False, but the model holds {coupled[0].what}, which normalizes "
+            "with the statistics of the batch it is given; leave batch_coupled unset, or "
+            "switch the BatchNorm to its running averages"
+        )
+    axes = {a if isinstance(a, str) else _hashable_axis(a) for c in coupled for a in c.axis_names}
+    if len(axes) > 1:
+        raise ValueError(
+            f"the Equinox BatchNorms use several axis names {sorted(map(str, axes))}; "
+            "chain() vmaps the batch under one name: give them all the same axis_name"
+        )
+    return Mode(batch=bool(batch_coupled), state=state, axis_name=axes.pop() if axes else None)
+
+
+def _hashable_axis(name):
+    if isinstance(name, list | tuple):
+        raise ValueError(
+            f"an Equinox BatchNorm normalizes over several named axes {name!r}; chain() "
+            "vmaps the batch under one axis name: give BatchNorm(..., axis_name=<one name>)"
+        )
+    return name
+
+
+def _expand(layers: list, mode: Mode, run: int | None = None) -> list[_Piece]:
     out: list[_Piece] = []
     for layer in layers:
         if isinstance(layer, repeat):
-            out.extend(_expand(list(layer.layers), run=id(layer)))
+            out.extend(_expand(list(layer.layers), mode, run=id(layer)))
             continue
         if isinstance(layer, Residual):
-            out.append(_block(layer, run))
+            out.append(_block(layer, run, mode))
             continue
         inner = children(layer)
         if inner is not None:
-            out.extend(_expand(inner, run))
+            out.extend(_expand(inner, mode, run))
             continue
-        a = as_layer(layer)
+        a = as_layer(layer, mode)
         if a.params is None and out and isinstance(out[-1].unit, Layer):
             out[-1] = _merge(out[-1], a)  # an activation joins the layer before it
         else:
@@ -206,9 +327,9 @@ def _merge(piece: _Piece, act: Adapted) -> _Piece:
     return piece._replace(unit=Layer(apply, preactivation), ident=ident)
 
 
-def _single(layer, what: str) -> Adapted:
+def _single(layer, what: str, mode: Mode) -> Adapted:
     """One function for a layer that may itself be a container."""
-    pieces = _expand([layer])
+    pieces = _expand([layer], mode)
     if any(isinstance(p.unit, Block) for p in pieces):
         raise TypeError(f"{what} may not itself contain Residual blocks")
     if len(pieces) == 1:
@@ -225,9 +346,9 @@ def _single(layer, what: str) -> Adapted:
     return Adapted(apply, tuple(p.params for p in pieces), ident)
 
 
-def _block(layer: Residual, run: int | None) -> _Piece:
-    b = _single(layer.branch, "the branch of a Residual")
-    s = None if layer.skip is None else _single(layer.skip, "the skip of a Residual")
+def _block(layer: Residual, run: int | None, mode: Mode) -> _Piece:
+    b = _single(layer.branch, "the branch of a Residual", mode)
+    s = None if layer.skip is None else _single(layer.skip, "the skip of a Residual", mode)
     branch = lambda p, h: b.apply(p["branch"], h)  # noqa: E731
     skip = None if s is None else (lambda p, h: s.apply(p["skip"], h))
     params = {"branch": b.params, "skip": None if s is None else s.params}
