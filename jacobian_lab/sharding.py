@@ -9,7 +9,9 @@ On CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (set before JAX s
 gives four host devices, which is how the tests check that the sharded sweep returns the
 unsharded numbers. On several hosts, call ``jax.distributed.initialize()`` first on every
 process and pass ``devices=jax.devices()`` (all processes' devices); every process must
-pass the same inputs (see the README, "Sweeps across devices and hosts").
+pass the same inputs (see the README, "Sweeps across hosts"). ``tests/test_multihost.py``
+runs that with two processes on localhost (CPU collectives over gloo, JAX's default) and
+checks the gathered result against one process's.
 """
 
 from __future__ import annotations
@@ -49,8 +51,12 @@ def map_over_devices(
 
     Returns:
         The stacked results, leading axis ``n``, sharded over the devices (read it with
-        ``np.asarray``; on several hosts gather it with
-        ``jax.experimental.multihost_utils.process_allgather``).
+        ``np.asarray``). With several processes (``jax.distributed``) and ``devices``
+        spanning them, it is one global array that no process can read alone: gather it
+        with ``jax.experimental.multihost_utils.process_allgather(out, tiled=True)``.
+        There ``xs`` must be host data or uncommitted arrays (not placed with
+        ``jax.device_put``), equal on every process: ``jax.device_put`` onto the global
+        sharding checks that they agree, and each process places its own slices.
     """
     mesh = device_mesh(devices)
     leaves = jax.tree_util.tree_leaves(xs)
