@@ -8,14 +8,16 @@ import time
 
 from jacobian_lab import __version__
 from jacobian_lab.experiments.report import (
+    INTERRUPTED,
     add_analysis_arguments,
     analysis_config,
     enable_precision,
     overrides,
     run_analysis,
+    stopped_message,
     write_report,
 )
-from jacobian_lab.experiments.runner import prepare_output_dir
+from jacobian_lab.experiments.runner import SweepStopped, prepare_output_dir, stop_on_interrupt
 
 
 def _analyses() -> dict:
@@ -41,16 +43,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = prepare_output_dir(args.out)
     t0 = time.perf_counter()
     results = []
-    for i, (analysis, config) in enumerate(chosen, 1):
-        _log(
-            f"== [{i}/{len(chosen)}] {analysis.name}: {analysis.title} "
-            f"({time.perf_counter() - t0:.0f}s elapsed)"
-        )
-        result = run_analysis(analysis, config, out, formats=formats, log=_log)
-        results.append(result)
-        for v in result.verdicts:
-            _log(f"   {v.line}")
-        write_report(out, results)  # a partial report survives an interrupt
+    # Ctrl-C: stop at a safe point (after the configuration in progress), not inside XLA
+    with stop_on_interrupt() as stop:
+        for i, (analysis, config) in enumerate(chosen, 1):
+            _log(
+                f"== [{i}/{len(chosen)}] {analysis.name}: {analysis.title} "
+                f"({time.perf_counter() - t0:.0f}s elapsed)"
+            )
+            try:
+                result = run_analysis(
+                    analysis, config, out, formats=formats, log=_log, stop=stop.is_set
+                )
+            except SweepStopped as stopped:
+                pages = write_report(out, results)
+                _log(stopped_message("jacobian-lab", stopped, analysis.name, pages[1]))
+                return INTERRUPTED
+            results.append(result)
+            for v in result.verdicts:
+                _log(f"   {v.line}")
+            write_report(out, results)  # a partial report survives an interrupt
     pages = write_report(out, results)
     print(f"jacobian_lab report ({args.size}) in {time.perf_counter() - t0:.0f}s")
     for r in results:
@@ -94,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0; 2 for a usage or input error;
+    130 after a Ctrl-C, which stops at a safe point and keeps the finished work)."""
     args = build_parser().parse_args(argv)
     enable_precision(args)
     try:

@@ -21,6 +21,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 import jacobian_lab as jl
+from jacobian_lab.experiments.constants import gaussian_inputs
 from jacobian_lab.experiments.plotting import STYLE, save_figure, series_style
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
 
@@ -51,7 +52,7 @@ def compute(unit: dict) -> dict:
         unit["arch"], depth=unit["depth"], width=unit["width"], dtype=unit["dtype"]
     )
     keys = jax.random.split(jax.random.PRNGKey(0), unit["seeds"])
-    x = jax.random.normal(jax.random.PRNGKey(10_000), (unit["batch"], net.input_dim), net.dtype)
+    x = gaussian_inputs(jax.random.PRNGKey(10_000), (unit["batch"], net.input_dim), net.dtype)
     stats = [jl.domain_statistics(net, net.init(k), x) for k in keys]
     g = jl.gsc_over_seeds(net, keys, x).mean(axis=1)  # (seeds, L+1)
 

@@ -1,7 +1,16 @@
 """Settings shared by several analyses."""
 
+import jax
+import jax.numpy as jnp
+
 from jacobian_lab.zoo import ACTIVATION_SIGMA_W
 
 SIGMA_W = {"linear": 1.0, **ACTIVATION_SIGMA_W}
 """Weight scale per activation: sigma_w = sqrt(2) for ReLU (He), 1 for tanh and SeLU
 (LeCun), as in :data:`jacobian_lab.zoo.ACTIVATION_SIGMA_W`, and 1 for a linear network."""
+
+
+def gaussian_inputs(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """Standard Gaussian inputs of ``shape``, drawn in float32 and cast to ``dtype``: the
+    same numbers at every precision, so ``--dtype float64`` changes only the rounding."""
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jacobian_lab as jl
+from jacobian_lab.experiments.constants import gaussian_inputs
 from jacobian_lab.experiments.plotting import STYLE, plot_band, save_figure, series_style
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
 
@@ -56,7 +57,7 @@ def compute(unit: dict) -> dict:
         unit["arch"], depth=unit["depth"], width=unit["width"], dtype=unit["dtype"]
     )
     keys = jax.random.split(jax.random.PRNGKey(0), unit["seeds"])
-    x = jax.random.normal(jax.random.PRNGKey(10_000), (unit["batch"], net.input_dim), net.dtype)
+    x = gaussian_inputs(jax.random.PRNGKey(10_000), (unit["batch"], net.input_dim), net.dtype)
     profiles = jl.gsc_over_seeds(net, keys, x).mean(axis=1)  # (seeds, L+1), mean over inputs
     per_unit = max(net.block_layers, 1)  # a ResNet's unit is a block of dense layers
     # a ResNet's stem is one linear projection, not a block: fit its rate over the blocks

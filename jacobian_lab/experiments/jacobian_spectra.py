@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jacobian_lab as jl
-from jacobian_lab.experiments.constants import SIGMA_W
+from jacobian_lab.experiments.constants import SIGMA_W, gaussian_inputs
 from jacobian_lab.experiments.plotting import OKABE_ITO, STYLE, save_figure, series_style
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
 
@@ -62,7 +62,7 @@ def compute(unit: dict) -> dict:
         sigma_w=SIGMA_W[act],
         dtype=unit["dtype"],
     )
-    x = jax.random.normal(jax.random.PRNGKey(1), (unit["batch"], width), net.dtype)
+    x = gaussian_inputs(jax.random.PRNGKey(1), (unit["batch"], width), net.dtype)
     svals = [
         np.asarray(jl.prefix_singular_values(net, net.init(k), x, depths), float)
         for k in jax.random.split(jax.random.PRNGKey(0), unit["seeds"])  # seeds: one compile

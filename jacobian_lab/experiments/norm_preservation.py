@@ -23,6 +23,7 @@ import numpy as np
 from matplotlib.ticker import NullFormatter
 
 import jacobian_lab as jl
+from jacobian_lab.experiments.constants import gaussian_inputs
 from jacobian_lab.experiments.plotting import STYLE, save_figure, series_style
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
 
@@ -55,7 +56,7 @@ def _network(unit: dict) -> jl.Network:
 
 def compute(unit: dict) -> dict:
     net = _network(unit)
-    x = jax.random.normal(jax.random.PRNGKey(1), (unit["batch"], net.input_dim), net.dtype)
+    x = gaussian_inputs(jax.random.PRNGKey(1), (unit["batch"], net.input_dim), net.dtype)
     stats = [
         jl.block_jacobian_stats(net, net.init(k), x, jax.random.fold_in(k, 7))
         for k in jax.random.split(jax.random.PRNGKey(0), unit["seeds"])

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jacobian_lab as jl
+from jacobian_lab.experiments.constants import gaussian_inputs
 from jacobian_lab.experiments.plotting import OKABE_ITO, STYLE, save_figure, series_style
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
 
@@ -47,7 +48,7 @@ def compute(unit: dict) -> dict:
     net = jl.architecture(
         unit["arch"], depth=2 * unit["blocks"], width=unit["width"], dtype=unit["dtype"]
     )
-    x = jax.random.normal(jax.random.PRNGKey(1), (unit["batch"], net.input_dim), net.dtype)
+    x = gaussian_inputs(jax.random.PRNGKey(1), (unit["batch"], net.input_dim), net.dtype)
     results = [
         jl.path_gradients(net, net.init(k), x, jax.random.fold_in(k, 3), unit["num_paths"])
         for k in jax.random.split(jax.random.PRNGKey(0), unit["seeds"])

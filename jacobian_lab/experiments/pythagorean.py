@@ -23,6 +23,7 @@ import numpy as np
 from matplotlib.ticker import NullFormatter
 
 import jacobian_lab as jl
+from jacobian_lab.experiments.constants import gaussian_inputs
 from jacobian_lab.experiments.plotting import (
     LINESTYLES,
     OKABE_ITO,
@@ -93,7 +94,7 @@ def compute(unit: dict) -> dict:
         unit["arch"], depth=2 * unit["blocks"], width=unit["width"], dtype=unit["dtype"]
     )
     keys = jax.random.split(jax.random.PRNGKey(0), unit["seeds"])
-    x = jax.random.normal(jax.random.PRNGKey(1), (unit["batch"], net.input_dim), net.dtype)
+    x = gaussian_inputs(jax.random.PRNGKey(1), (unit["batch"], net.input_dim), net.dtype)
     d = jax.vmap(lambda k: jl.pythagorean_decomposition(net, net.init(k), x))(keys)
     cos = np.abs(np.asarray(d.cosine, dtype=float))
     result = {

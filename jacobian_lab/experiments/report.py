@@ -26,7 +26,13 @@ from typing import Any, NamedTuple
 import jax
 
 from jacobian_lab.experiments.plotting import FIGURE_FORMATS
-from jacobian_lab.experiments.runner import prepare_output_dir, run_sweep
+from jacobian_lab.experiments.runner import (
+    SweepStopped,
+    is_writer,
+    prepare_output_dir,
+    run_sweep,
+    stop_on_interrupt,
+)
 
 SIZES = ("tiny", "small", "paper")
 """``tiny``: seconds, for tests; ``small``: minutes on a 2-core CPU (the default);
@@ -144,23 +150,44 @@ def run_analysis(
     *,
     formats: Sequence[str] = ("pdf", "png"),
     log: Callable[[str], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> AnalysisResult:
     """Run ``analysis`` with ``config`` into ``<out>/<analysis.name>/``.
 
     Writes ``records.jsonl`` (one line per finished unit; re-running resumes from it),
     ``<name>.json`` (config, environment, summarized numbers and verdicts), ``<name>.csv``
-    when the summary has a table, and the figures (plotted from the saved JSON).
+    when the summary has a table, and the figures (plotted from the saved JSON). ``stop``
+    is passed to :func:`~jacobian_lab.experiments.runner.run_sweep` (which raises
+    :class:`~jacobian_lab.experiments.runner.SweepStopped` when it returns true). Only
+    JAX process 0 writes files; the others compute the same numbers and verdicts (their
+    result lists the files process 0 writes, but no figures).
     """
     log = log or _log_stderr
+    writer = is_writer()
     folder = prepare_output_dir(Path(out) / analysis.name)
     t0 = time.perf_counter()
     units = analysis.configs(config)
-    records = list(run_sweep(units, analysis.compute, folder / "records.jsonl", log=log))
+    records = list(run_sweep(units, analysis.compute, folder / "records.jsonl", log=log, stop=stop))
     data = jsonable(analysis.summarize(config, records))
     payload = {"analysis": analysis.name, "config": config, **environment(), "data": data}
     json_path = folder / f"{analysis.name}.json"
-    json_path.write_text(json.dumps(payload, indent=1))
     files = [json_path]
+    if not writer:  # judge the numbers as they would be saved, and write nothing
+        saved = json.loads(json.dumps(data))
+        if data.get("table"):
+            files.append(folder / f"{analysis.name}.csv")
+        return AnalysisResult(
+            analysis.name,
+            analysis.title,
+            analysis.claim,
+            analysis.notes,
+            config,
+            files,
+            [],
+            analysis.verdicts(saved),
+            time.perf_counter() - t0,
+        )
+    json_path.write_text(json.dumps(payload, indent=1))
     if data.get("table"):
         csv_path = folder / f"{analysis.name}.csv"
         with csv_path.open("w", newline="") as fh:
@@ -191,8 +218,12 @@ def run_analysis(
 
 def write_report(out: str | Path, results: Sequence[AnalysisResult]) -> list[Path]:
     """Write ``report.md`` and ``report.html`` in ``out``: per analysis its claim, verdicts,
-    figures (PNG), data files and config. Returns both paths."""
+    figures (PNG), data files and config. Returns both paths (written by JAX process 0
+    only)."""
     out = Path(out)
+    md_path, html_path = out / "report.md", out / "report.html"
+    if not is_writer():
+        return [md_path, html_path]
     env = environment()
     held = sum(v.holds for r in results for v in r.verdicts)
     total = sum(len(r.verdicts) for r in results)
@@ -239,7 +270,6 @@ def write_report(out: str | Path, results: Sequence[AnalysisResult]) -> list[Pat
             f"<details><summary>config</summary><pre>{html.escape(json.dumps(r.config, indent=1))}"
             f"</pre></details></section>"
         )
-    md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text("\n".join(md))
     html_path.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>jacobian_lab report</title>"
@@ -283,7 +313,21 @@ def add_analysis_arguments(parser: argparse.ArgumentParser, default_out: str) ->
         default=["pdf", "png"],
         help="figure formats (default: pdf png)",
     )
-    parser.add_argument("--out", default=default_out, help=f"output folder (default {default_out})")
+    parser.add_argument(
+        "--out",
+        default=default_out,
+        action=_OutFolder,
+        help=f"output folder (default {default_out})",
+    )
+
+
+class _OutFolder(argparse.Action):
+    """``--out``: a folder name; an empty one (``--out ""``) is a usage error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not str(values).strip():
+            parser.error(f"{option_string} must name a folder, e.g. {option_string} {self.default}")
+        setattr(namespace, self.dest, values)
 
 
 def overrides(args: argparse.Namespace) -> dict:
@@ -297,15 +341,41 @@ def enable_precision(args: argparse.Namespace) -> None:
         jax.config.update("jax_enable_x64", True)
 
 
+INTERRUPTED = 130
+"""Exit status after a Ctrl-C (128 + SIGINT), as a shell reports for an interrupted command."""
+
+
+def stopped_message(prog: str, stopped: SweepStopped, name: str, report: Path | None) -> str:
+    """What an interrupted command kept, and how to resume (for standard error)."""
+    lines = [
+        f"{prog}: interrupted; stopped at a safe point, between two configurations.",
+        f"  kept: {stopped.saved} of {stopped.total} configurations of {name} are saved in "
+        f"{stopped.path}",
+    ]
+    if report is not None:
+        lines.append(f"  partial report (analyses finished before the interrupt): {report}")
+    lines.append("  re-running the same command resumes from there.")
+    return "\n".join(lines)
+
+
 def script_main(analysis: Analysis, argv: Sequence[str] | None = None) -> int:
-    """Command line of a single analysis script: runs it and prints its verdict lines."""
+    """Command line of a single analysis script: runs it and prints its verdict lines.
+
+    A first Ctrl-C stops after the configuration in progress (exit status 130, saying
+    what was kept); a second one ends the process at once."""
     parser = argparse.ArgumentParser(description=f"{analysis.title}. {analysis.claim}")
     add_analysis_arguments(parser, default_out=f"results/{analysis.name}")
     args = parser.parse_args(argv)
     enable_precision(args)
     try:
         config = analysis_config(analysis, args.size, **overrides(args))
-        result = run_analysis(analysis, config, args.out, formats=args.formats)
+        with stop_on_interrupt() as stop:
+            result = run_analysis(
+                analysis, config, args.out, formats=args.formats, stop=stop.is_set
+            )
+    except SweepStopped as stopped:
+        print(stopped_message(analysis.name, stopped, analysis.name, None), file=sys.stderr)
+        return INTERRUPTED
     except (ValueError, OSError, FloatingPointError) as err:
         print(f"{analysis.name}: error: {err}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ from scipy.stats import norm
 
 import jacobian_lab as jl
 from jacobian_lab import meanfield
-from jacobian_lab.experiments.constants import SIGMA_W
+from jacobian_lab.experiments.constants import SIGMA_W, gaussian_inputs
 from jacobian_lab.experiments.plotting import OKABE_ITO, STYLE, save_figure, series_style
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
 
@@ -124,7 +124,7 @@ def configs(config: dict) -> list[dict]:
 
 
 def _inputs(unit: dict, dim: int, dtype) -> jax.Array:
-    return jax.random.normal(jax.random.PRNGKey(1), (unit["batch"], dim), dtype)
+    return gaussian_inputs(jax.random.PRNGKey(1), (unit["batch"], dim), dtype)
 
 
 def _seeds(unit: dict):
