@@ -12,13 +12,16 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jacobian_lab.checks import is_traced
 from jacobian_lab.jacobians import jacobian
 from jacobian_lab.layered import input_to_layer_jacobians
 from jacobian_lab.matrix_free import (
     Estimate,
+    check_count,
     choose_method,
     dense_bytes,
     extreme_singular_values,
+    mean_estimate,
     slq_spectrum,
 )
 
@@ -89,19 +92,58 @@ def spectral_density(
     Args:
         s: singular values of any shape; all entries are pooled into one sample.
         grid: points of shape ``(g,)`` at which to evaluate the density.
-        bandwidth: kernel width; default Silverman's rule 1.06 * std * N^(-1/5).
+        bandwidth: kernel width. Default: Silverman's rule ``1.06 * std * N^(-1/5)``,
+            floored per value at the grid step around it (see :func:`_kernel_widths`), so
+            that a (near) point mass, whose rule-of-thumb width is (near) 0, is a kernel the
+            grid resolves rather than a spike or ``0/0``. An explicit bandwidth is used as
+            given.
         squared: estimate the density of s^2 (the eigenvalues of J J^T, the quantity that
             random-matrix laws such as Marchenko-Pastur describe) rather than of s.
 
     Returns:
-        Density values of shape ``(g,)``; integrates to 1 over the real line.
+        Density values of shape ``(g,)``; integrates to 1 over the real line, and (default
+        bandwidth) to 1 within ``1e-6`` by the trapezoid rule on a ``grid`` that covers
+        the values by 5 kernel widths.
     """
     values = jnp.ravel(s**2 if squared else s)
-    n = values.shape[0]
-    if bandwidth is None:
-        bandwidth = 1.06 * jnp.std(values) * n ** (-0.2)
-    z = (grid[:, None] - values[None, :]) / bandwidth
-    return jnp.mean(jnp.exp(-0.5 * z**2), axis=1) / (bandwidth * jnp.sqrt(2 * jnp.pi))
+    grid = jnp.asarray(grid)
+    if grid.ndim != 1:
+        raise ValueError(f"grid must be one-dimensional (g,), got shape {grid.shape}")
+    h = _kernel_widths(values, jnp.full(values.shape, 1.0 / values.shape[0]), grid, bandwidth)
+    z = (grid[:, None] - values[None, :]) / h
+    return jnp.mean(jnp.exp(-0.5 * z**2) / (h * jnp.sqrt(2 * jnp.pi)), axis=1)
+
+
+def _kernel_widths(values, weights, grid, bandwidth):
+    """Per-value Gaussian kernel widths for a density of ``values`` (weights summing to 1).
+
+    An explicit ``bandwidth`` (> 0) is used for every value. The default is Silverman's
+    rule ``1.06 * std * n_eff^(-1/5)`` (weighted std, Kish effective sample size
+    ``1 / sum w^2``), floored at the grid step around each value: a kernel narrower than
+    the step cannot be integrated on the grid (the trapezoid rule is exact to ~1e-8 for a
+    Gaussian at least one step wide, and off by orders of magnitude for a spike between two
+    points), and the rule gives 0 for a point mass. A grid of one point has no step, and
+    then the floor is ``1e-3`` times the values' scale (1 for all zeros).
+    """
+    if bandwidth is not None:
+        if not is_traced(bandwidth) and not float(bandwidth) > 0:
+            raise ValueError(f"bandwidth must be a positive number or None, got {bandwidth!r}")
+        return jnp.full(values.shape, bandwidth, jnp.result_type(values, float))
+    mean = jnp.sum(weights * values)
+    std = jnp.sqrt(jnp.sum(weights * (values - mean) ** 2))
+    n_eff = 1.0 / jnp.sum(weights**2)
+    h = 1.06 * std * n_eff ** (-0.2)
+    if grid.shape[0] < 2:
+        scale = jnp.max(jnp.abs(values))
+        return jnp.full(values.shape, jnp.maximum(h, 1e-3 * jnp.where(scale > 0, scale, 1.0)))
+    g = jnp.sort(grid)
+    step = jnp.diff(g)  # (g-1,): the step of the interval containing each value and its
+    i = jnp.clip(jnp.searchsorted(g, values) - 1, 0, step.shape[0] - 1)  # neighbours
+    local = jnp.maximum(
+        step[i],
+        jnp.maximum(step[jnp.maximum(i - 1, 0)], step[jnp.minimum(i + 1, step.shape[0] - 1)]),
+    )
+    return jnp.maximum(h, local)
 
 
 def prefix_singular_values(net, params, x: jax.Array, depths) -> jax.Array:
@@ -139,7 +181,8 @@ class Spectrum(NamedTuple):
     Fields:
         nodes, weights: ``(P, k)``; each row of ``weights`` sums to 1.
         frobenius_sq: ``||J||_F^2`` (:class:`~jacobian_lab.matrix_free.Estimate`; error 0
-            when dense, else the standard error over the SLQ probes).
+            when dense, else the standard error over the SLQ probes, with degrees of
+            freedom and a calibrated ``interval()``; see :meth:`moment_estimate`).
         largest, smallest: singular values ``s_1`` and ``s_min(m, n)`` (Estimates; the
             matrix-free errors are Lanczos residual bounds).
         method: ``"dense"`` or ``"matrix_free"``.
@@ -165,14 +208,35 @@ class Spectrum(NamedTuple):
 
     def moment(self, j: int) -> jax.Array:
         """``(1/n) tr (J^T J)^j``; SLQ with ``k`` steps is exact for ``j < 2k`` up to the
-        probes' Monte-Carlo error."""
+        probes' Monte-Carlo error (:meth:`moment_estimate` gives it)."""
         return jnp.sum(self.weights * self.nodes**j) / self.nodes.shape[0]
 
-    def density(self, grid: jax.Array, bandwidth: float) -> jax.Array:
-        """Gaussian-kernel smoothed density of the squared singular values at ``grid``."""
-        z = (jnp.asarray(grid)[:, None, None] - self.nodes[None]) / bandwidth
-        k = jnp.exp(-0.5 * z**2) / (bandwidth * jnp.sqrt(2 * jnp.pi))
-        return jnp.sum(k * self.weights[None], axis=(1, 2)) / self.nodes.shape[0]
+    def moment_estimate(self, j: int) -> Estimate:
+        """:meth:`moment` with its error: exact (error 0) when dense; matrix-free, the mean
+        over the ``P`` probes of their quadratures ``sum_k w_pk nodes_pk^j`` (each an
+        unbiased ``v^T (J^T J)^j v / n`` for ``j < 2k``), its standard error (``inf``
+        below 3 probes), degrees of freedom and a log-scale interval
+        (:func:`~jacobian_lab.matrix_free.mean_estimate`)."""
+        j = check_count(j, "j", 0)
+        per_probe = jnp.sum(self.weights * self.nodes**j, axis=1)
+        if self.method == "dense":
+            return Estimate(per_probe.mean(), jnp.zeros((), per_probe.dtype))
+        return mean_estimate(per_probe)
+
+    def density(self, grid: jax.Array, bandwidth: float | None = None) -> jax.Array:
+        """Gaussian-kernel smoothed density of the squared singular values at ``grid``
+        ``(g,)``: each node a kernel of its weight. ``bandwidth`` as in
+        :func:`spectral_density` (default: Silverman's rule on the measure, floored at the
+        grid step), so it integrates to 1 on a grid covering the nodes."""
+        grid = jnp.asarray(grid)
+        if grid.ndim != 1:
+            raise ValueError(f"grid must be one-dimensional (g,), got shape {grid.shape}")
+        w = jnp.ravel(self.weights) / self.nodes.shape[0]
+        nodes = jnp.ravel(self.nodes)
+        h = _kernel_widths(nodes, w, grid, bandwidth)
+        z = (grid[:, None] - nodes[None]) / h
+        k = jnp.exp(-0.5 * z**2) / (h * jnp.sqrt(2 * jnp.pi))
+        return jnp.sum(k * w[None], axis=1)
 
 
 def jacobian_spectrum(
@@ -197,10 +261,15 @@ def jacobian_spectrum(
             or ``"auto"``: dense when ``3 m n`` numbers fit ``memory_budget`` bytes
             (default 1 GiB).
         key: PRNG key for the probes (default ``PRNGKey(0)``).
+        num_probes, num_matvecs: ``int >= 1`` (checked whatever the method); fewer than
+            3 probes give ``frobenius_sq`` with error ``inf``.
+        memory_budget: bytes, an ``int >= 0``, or ``None``.
 
     Returns:
         :class:`Spectrum`.
     """
+    num_probes = check_count(num_probes, "num_probes")
+    num_matvecs = check_count(num_matvecs, "num_matvecs")
     shape_in = sum(math.prod(jnp.shape(v)) for v in jax.tree_util.tree_leaves(x))
     out = jax.eval_shape(fn, x)
     shape_out = sum(math.prod(v.shape) for v in jax.tree_util.tree_leaves(out))
@@ -225,6 +294,6 @@ def jacobian_spectrum(
     slq = slq_spectrum(fn, x, k_slq, num_probes, num_matvecs)
     n = shape_in
     per_probe = n * jnp.sum(slq.weights * slq.nodes, axis=1)  # = ||J v_p||^2, ||v_p||^2 = n
-    frob = Estimate(per_probe.mean(), per_probe.std() / jnp.sqrt(num_probes))
+    frob = mean_estimate(per_probe)
     ext = extreme_singular_values(fn, x, k_ext, num_matvecs)
     return Spectrum(slq.nodes, slq.weights, frob, ext.largest, ext.smallest, "matrix_free")

@@ -72,3 +72,30 @@ def test_prefix_singular_values_are_those_of_the_prefix_networks(key):
     )
     with pytest.raises(ValueError, match="depths must lie in 1..5"):
         jl.prefix_singular_values(net, params, x, [0, 6])
+
+
+def test_default_density_integrates_to_one_for_point_masses_and_spread_spectra(key):
+    """The default bandwidth is floored at the grid step: a point mass (all s = 1: the
+    rule-of-thumb width was 0 and the density 0/0) and a near point mass (an orthogonal
+    network, s = 1 +- 1e-7: a spike integrating to ~1e4 on the grid) integrate to 1 by the
+    trapezoid rule on a grid covering them, as does a Marchenko-Pastur sample (its width
+    is the rule's). Same for Spectrum.density, dense and matrix-free."""
+    grid = jnp.linspace(-2.0, 5.0, 1401)  # step 0.005; covers the MP spectrum by 5 widths
+    net = jl.mlp(8, 16, "linear", weight_init="orthogonal", dtype="float64")
+    x = jax.random.normal(key, (2, 16), jnp.float64)
+    orth = jl.singular_values(jl.input_output_jacobian(net, net.init(key), x))
+    W = jax.random.normal(key, (200, 100), jnp.float64) / np.sqrt(200)  # MP, ratio 1/2
+    for s in (jnp.ones(16), orth, jl.singular_values(W)):
+        dens = jl.spectral_density(s, grid)
+        assert bool(jnp.all(jnp.isfinite(dens)))
+        np.testing.assert_allclose(jnp.trapezoid(dens, grid), 1.0, atol=1e-6)
+    Q = jl.weight_matrix(key, "orthogonal", 40, 40, dtype=jnp.float64)
+    for fn, x0 in ((lambda v: Q @ v, jnp.zeros(40)), (lambda v: W @ v, jnp.zeros(100))):
+        for method in ("dense", "matrix_free"):
+            spec = jl.jacobian_spectrum(fn, x0, method=method, num_probes=8, num_matvecs=12)
+            np.testing.assert_allclose(jnp.trapezoid(spec.density(grid), grid), 1.0, atol=1e-6)
+    # an explicit bandwidth is used as given: the density of N(1, 0.1^2)
+    dens = jl.spectral_density(jnp.ones(3), grid, bandwidth=0.1, squared=False)
+    np.testing.assert_allclose(dens.max(), 1 / (0.1 * np.sqrt(2 * np.pi)), rtol=1e-3)
+    with pytest.raises(ValueError, match="bandwidth must be a positive number"):
+        jl.spectral_density(jnp.ones(3), grid, bandwidth=0.0)
