@@ -47,7 +47,7 @@ made inside ``@nn.compact``, or ``use_running_average`` given only at call time)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import jax
@@ -63,7 +63,17 @@ from jacobian_lab.adapters import (
     same_ident,
 )
 from jacobian_lab.checks import is_traced
-from jacobian_lab.model import Block, Layer, Model, Params, Repeat, forward, tracer_hint, unit_of
+from jacobian_lab.model import (
+    Block,
+    Layer,
+    Model,
+    Params,
+    Repeat,
+    forward,
+    spec_of,
+    tracer_hint,
+    unit_of,
+)
 
 
 class Residual(NamedTuple):
@@ -105,6 +115,14 @@ class Chain(Model):
     stages: tuple
     names: tuple[str, ...]
     batch_coupled: bool = False
+    params_spec: Any = field(default=None, compare=False)
+
+    @property
+    def dtype(self) -> str | None:
+        """The float dtype of the params (inputs are cast to it), or None without any."""
+        dts = {str(a.dtype) for a in jax.tree_util.tree_leaves(self.params_spec)}
+        floats = sorted(d for d in dts if jnp.issubdtype(d, jnp.floating))
+        return floats[-1] if floats else None
 
     def stage_params(self, params: Params) -> tuple:
         if not isinstance(params, tuple | list):
@@ -233,7 +251,8 @@ def chain(
             f"got {len(names)} names for {L} layers (after expanding containers "
             "and merging parameter-free layers into the layer before them)"
         )
-    return Chain(tuple(stages), names, mode.batch), tuple(params)
+    params = tuple(params)
+    return Chain(tuple(stages), names, mode.batch, spec_of(params)), params
 
 
 def _mode(layers: list, state: Any, batch_coupled: bool | None) -> Mode:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from jacobian_lab.initializers import normal, orthogonal
 from jacobian_lab.model import Params
 from jacobian_lab.networks import Network, renamed_count, validate
 
@@ -97,7 +98,7 @@ class ConvNetwork(Network):
         W = conv_kernel(
             k_w, self.weight_init, self.kernel_size, fan_in, fan_out, self.sigma_w, dtype
         )
-        return {"W": W, "b": self.sigma_b * jax.random.normal(k_b, (fan_out,), dtype)}
+        return {"W": W, "b": self.sigma_b * normal(k_b, (fan_out,), dtype)}
 
 
 def conv_kernel(
@@ -114,17 +115,17 @@ def conv_kernel(
     k = kernel_size
     fan_in = k * k * c_in
     if init == "delta_orthogonal":
-        centre = jax.nn.initializers.orthogonal(scale=sigma_w)(key, (c_in, c_out), dtype)
+        centre = orthogonal(key, (c_in, c_out), sigma_w, dtype)
         return jnp.zeros((k, k, c_in, c_out), dtype).at[k // 2, k // 2].set(centre)
     if init == "orthogonal":
-        M = jax.nn.initializers.orthogonal(scale=sigma_w)(key, (c_out, fan_in), dtype)
+        M = orthogonal(key, (c_out, fan_in), sigma_w, dtype)
         return M.T.reshape(k, k, c_in, c_out)
     scale = {"he": 2.0**0.5, "lecun": 1.0}.get(init, sigma_w)
     if init not in CONV_INITIALIZERS:
         raise ValueError(
             f"unknown conv init {init!r}; expected one of: {', '.join(CONV_INITIALIZERS)}"
         )
-    return scale / fan_in**0.5 * jax.random.normal(key, (k, k, c_in, c_out), dtype)
+    return scale / fan_in**0.5 * normal(key, (k, k, c_in, c_out), dtype)
 
 
 def _validate_conv(net: ConvNetwork) -> None:

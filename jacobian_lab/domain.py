@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab.driver import per_layer, trace
+from jacobian_lab.driver import per_layer, prepare, trace
 from jacobian_lab.model import Layer, Model, Params, stage_size, unit_of
 
 
@@ -109,7 +109,7 @@ def domain_statistics(net: Model, params: Params, x) -> DomainStats:
                 "built-in network"
             )
         i += stage_size(stage)
-    xs = net.samples(x)
+    xs = prepare(net, params, x)
     batch = int(jax.tree_util.tree_leaves(xs)[0].shape[1 if net.batch_coupled else 0])
     if batch < 2 or (net.batch_coupled and jax.tree_util.tree_leaves(xs)[0].shape[0] != 1):
         raise ValueError("domain_statistics needs one batch of at least 2 inputs")

@@ -32,7 +32,16 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jacobian_lab.checks import is_traced
-from jacobian_lab.model import Layer, Model, Tap, apply_unit, require_float_arrays, walk
+from jacobian_lab.model import (
+    Layer,
+    Model,
+    Params,
+    Tap,
+    apply_unit,
+    forward,
+    require_float_arrays,
+    walk,
+)
 
 
 class Record(NamedTuple):
@@ -168,10 +177,56 @@ def per_layer(values: list) -> jax.Array:
     return jnp.concatenate(values, axis=1)[:, ::-1]
 
 
-def sq_lengths(tr: Trace) -> jax.Array:
-    """``(S, L+1)``: ``||f_l||^2`` for ``l = 0 .. L`` (``f_L = x``)."""
-    hidden = per_layer([jnp.sum(r.out**2, axis=-1) for r in tr.records])
-    return jnp.concatenate([hidden, jnp.sum(tr.x**2, axis=-1)[:, None]], axis=1)
+def log_norm(v: jax.Array, axis=-1) -> jax.Array:
+    """``log ||v||`` over ``axis`` (an int or a tuple), computed on ``v / max|v|`` so that
+    it neither overflows nor underflows where the logarithm is representable; ``-inf`` for
+    an exactly zero ``v``."""
+    m = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
+    safe = jnp.where(m > 0, m, 1)
+    return jnp.log(jnp.squeeze(safe, axis)) + 0.5 * jnp.log(jnp.sum((v / safe) ** 2, axis))
+
+
+def norm(v: jax.Array, axis=-1) -> jax.Array:
+    """``||v||`` over ``axis`` without overflow or underflow of the squares."""
+    return jnp.exp(log_norm(v, axis))
+
+
+def log_lengths(tr: Trace) -> jax.Array:
+    """``(S, L+1)``: ``log ||f_l||`` for ``l = 0 .. L`` (``f_L = x``), see :func:`log_norm`."""
+    hidden = per_layer([log_norm(r.out) for r in tr.records])
+    return jnp.concatenate([hidden, log_norm(tr.x)[:, None]], axis=1)
+
+
+def check_values(values: jax.Array, what: str) -> None:
+    """Raise ``FloatingPointError`` naming ``what`` when ``values``, which must be positive
+    and finite, holds inf, NaN or exact zeros (an overflow or underflow; outside ``jit``)."""
+    if is_traced(values):
+        return
+    if not bool(jnp.all(jnp.isfinite(values))):
+        raise FloatingPointError(f"{what} overflowed: not representable in {values.dtype}")
+    if not bool(jnp.all(values > 0)):
+        raise FloatingPointError(f"{what} underflowed to 0: not representable in {values.dtype}")
+
+
+def check_lengths(log_len: jax.Array, model: Model) -> None:
+    """Raise ``FloatingPointError`` when a layer output ``f_l`` (``log_len``: ``(S, L+1)``
+    from :func:`log_lengths`) is exactly zero for some sample: every GSC divides by
+    ``||f_l||``, so it is undefined there. Names the first such layer from the input.
+    Does nothing under tracing."""
+    if is_traced(log_len):
+        return
+    zero = np.asarray(jnp.any(jnp.isneginf(log_len), axis=0))
+    if not zero.any():
+        return
+    l = int(np.flatnonzero(zero)[-1])
+    s = int(np.argmax(np.isneginf(np.asarray(log_len[:, l]))))
+    where = "the input x" if l == zero.shape[0] - 1 else model.layer_label(l)
+    raise FloatingPointError(
+        f"{where} is exactly zero for sample {s}: the GSC divides by ||f_l||, so it is "
+        "undefined there (0/0). Causes: dead ReLU units, zero weights (sigma_w=0), a layer "
+        "norm over one feature, or identical inputs in a batch-norm batch; or a value that "
+        "underflowed (try float64)."
+    )
 
 
 def layer_sizes(tr: Trace) -> tuple[int, ...]:
@@ -207,3 +262,144 @@ def check_finite(ok: jax.Array, model: Model) -> None:
         f"indexing, f_0 = output, f_{ok.shape[0]} = input): its output or Jacobian holds "
         "inf or NaN. Try float64, a smaller depth or a smaller weight scale."
     )
+
+
+def output_sizes(model: Model, params: Params, xs) -> list[tuple[int, int]]:
+    """``(d_in, d_out)`` flat sizes of every layer of one sample, from the input (no
+    computation: shapes only)."""
+    one = jax.tree_util.tree_map(lambda v: v[0], xs)
+    outs = jax.eval_shape(lambda v: forward(model, params, v)[1], one)
+    sizes = [
+        sum(int(a.size) // int(a.shape[0]) for a in jax.tree_util.tree_leaves(seg))
+        for seg in outs
+        for _ in range(jax.tree_util.tree_leaves(seg)[0].shape[0])
+    ]
+    x_size = sum(int(a.size) for a in jax.tree_util.tree_leaves(one))
+    return list(zip([x_size, *sizes[:-1]], sizes, strict=True))
+
+
+# -- the public boundary: inputs and params checked once ---------------------------------
+
+
+def compute_dtype(model: Model):
+    """The dtype the model computes in (``None``: whatever the inputs are): a built-in
+    network's ``dtype``, a chain's params' float dtype. Inputs are cast to it."""
+    dt = getattr(model, "dtype", None)
+    return None if dt is None else jnp.dtype(dt)
+
+
+def _path(keys) -> str:
+    return "params" + "".join(f"[{k!r}]" if isinstance(k, str | int) else str(k) for k in keys)
+
+
+def _key_names(path) -> list:
+    out = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                out.append(getattr(k, attr))
+                break
+        else:
+            out.append(str(k))
+    return out
+
+
+def check_params(model: Model, params) -> None:
+    """Raise ``ValueError`` unless ``params`` has the structure, shapes and dtypes of the
+    params made for ``model``, naming the first entry that differs and what was expected."""
+    spec = model.params_spec
+    if spec is None:
+        return
+    fix = (
+        "pass the params made for this model (net.init(key), or the params chain() returned "
+        "with it)"
+    )
+    if params is None:
+        raise ValueError(f"params is None; {fix}")
+    got, got_def = jax.tree_util.tree_flatten_with_path(params)
+    want, want_def = jax.tree_util.tree_flatten_with_path(spec)
+    if got_def != want_def:
+        got_paths = {tuple(_key_names(p)) for p, _ in got}
+        want_paths = [tuple(_key_names(p)) for p, _ in want]
+        missing = [p for p in want_paths if p not in got_paths]
+        extra = sorted(got_paths - set(want_paths), key=str)
+        what = (
+            f"has no entry {_path(missing[0])[6:]}"
+            if missing
+            else f"has an entry {_path(extra[0])[6:]} this model does not have"
+            if extra
+            else "has another structure"
+        )
+        raise ValueError(
+            f"params do not fit this {type(model).__name__}: params {what} (expected the "
+            f"structure {want_def}); {fix}"
+        )
+    for (path, a), (_, s) in zip(got, want, strict=True):
+        shape, dtype = jnp.shape(a), jnp.result_type(a)
+        if shape != s.shape:
+            raise ValueError(
+                f"params do not fit this {type(model).__name__}: {_path(_key_names(path))} "
+                f"has shape {shape}, expected {s.shape}; {fix}"
+            )
+        if dtype != s.dtype:
+            raise ValueError(
+                f"{_path(_key_names(path))} is {dtype} but this model computes in {s.dtype}: "
+                f"{fix}, or cast them with jax.tree.map(lambda a: a.astype('{s.dtype}'), params)"
+            )
+
+
+def _check_input_leaf(v, dtype, name: str):
+    if not hasattr(v, "dtype") or not hasattr(v, "shape"):
+        raise TypeError(
+            f"{name} must be an array (jax or numpy), got {type(v).__name__}: use "
+            f"jnp.asarray({name.split('[')[0]})"
+        )
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+        kind = "complex" if jnp.issubdtype(v.dtype, jnp.complexfloating) else str(v.dtype)
+        raise TypeError(
+            f"{name} must hold real floating-point numbers, got {kind}: cast it, e.g. "
+            f"{name.split('[')[0]}.astype(jnp.float32)"
+        )
+    if v.ndim == 0:
+        raise ValueError(
+            f"{name} is a scalar, but inputs need a leading sample axis: give shape "
+            "(S, *sample_shape), e.g. x[None] for one sample"
+        )
+    if v.shape[0] == 0:
+        raise ValueError(
+            f"{name} holds no samples (shape {tuple(v.shape)}): give at least one input "
+            "along the leading axis"
+        )
+    return v if dtype is None or v.dtype == dtype else v.astype(dtype)
+
+
+def prepare(model: Model, params, x):
+    """Check ``params`` against ``model`` and ``x`` as inputs (arrays of real floats, at
+    least one sample, finite), cast ``x`` to the model's dtype (the model's dtype wins),
+    and split it into samples (:meth:`Model.samples`). Every public diagnostic starts here.
+    """
+    check_params(model, params)
+    dtype = compute_dtype(model)
+    if isinstance(x, list) and getattr(model, "example_shape", None) is not None:
+        raise TypeError("x must be an array (jax or numpy), got list: use jnp.asarray(x)")
+    leaves = jax.tree_util.tree_flatten_with_path(x)[0]
+    if not leaves:
+        raise ValueError("x holds no arrays")
+    checked = [
+        _check_input_leaf(v, dtype, "x" + "".join(f"[{k!r}]" for k in _key_names(p)))
+        for p, v in leaves
+    ]
+    x = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(x), checked)
+    xs = model.samples(x)
+    for v in jax.tree_util.tree_leaves(xs):
+        if is_traced(v):
+            continue
+        ok = np.asarray(jnp.all(jnp.isfinite(v.reshape(v.shape[0], -1)), axis=1))
+        if not ok.all():
+            s = int(np.argmin(ok))
+            what = "batch" if model.batch_coupled else "sample"
+            raise ValueError(
+                f"x holds inf or NaN in {what} {s} of {ok.size}: the inputs must be finite "
+                "(non-finite inputs are rejected before any layer runs)"
+            )
+    return xs

@@ -39,6 +39,24 @@ def effective_sigma_w(init: str, sigma_w: float, fan_in: int, fan_out: int) -> f
     return float(sigma_w)
 
 
+def normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """Standard normal draws made in float32 and cast to ``dtype``: a float64 model draws
+    the numbers of its float32 twin (same key), so the two differ by rounding only."""
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def orthogonal(key: jax.Array, shape: tuple[int, int], scale: float, dtype) -> jax.Array:
+    """``scale`` times a Haar-random matrix of ``shape`` with orthonormal rows or columns
+    (whichever are fewer): the QR factor of a Gaussian matrix (:func:`normal`, so the draw
+    does not depend on ``dtype``) with the signs of ``diag(R)`` taken out (Mezzadri,
+    arXiv math-ph/0609050); the factorization runs in ``dtype``, so float64 is orthogonal
+    to float64 precision."""
+    rows, cols = shape
+    Q, R = jnp.linalg.qr(normal(key, (max(rows, cols), min(rows, cols)), dtype))
+    Q = Q * jnp.sign(jnp.diagonal(R))
+    return scale * (Q.T if rows < cols else Q)
+
+
 def weight_matrix(
     key: jax.Array,
     init: str,
@@ -64,7 +82,7 @@ def weight_matrix(
         raise ValueError(f"unknown init {init!r}; expected one of: {', '.join(INITIALIZERS)}")
     scale = effective_sigma_w(init, sigma_w, fan_in, fan_out)
     if init == "orthogonal":
-        return jax.nn.initializers.orthogonal(scale=scale)(key, (fan_out, fan_in), dtype)
+        return orthogonal(key, (fan_out, fan_in), scale, dtype)
     if init == "looks_linear":
         if fan_out % 2 or (paired_input and fan_in % 2):
             raise ValueError(
@@ -72,8 +90,8 @@ def weight_matrix(
                 f"got fan_in={fan_in}, fan_out={fan_out}"
             )
         half_in = fan_in // 2 if paired_input else fan_in
-        W0 = jax.nn.initializers.orthogonal(scale=scale)(key, (fan_out // 2, half_in), dtype)
+        W0 = orthogonal(key, (fan_out // 2, half_in), scale, dtype)
         top = jnp.concatenate([W0, -W0], axis=1) if paired_input else W0
         return jnp.concatenate([top, -top], axis=0)
     std = scale / fan_in**0.5
-    return std * jax.random.normal(key, (fan_out, fan_in), dtype)
+    return std * normal(key, (fan_out, fan_in), dtype)

@@ -26,13 +26,17 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from jacobian_lab.checks import is_traced
+from jacobian_lab.checks import check_memory, is_traced
 from jacobian_lab.driver import (
     Trace,
     check_finite,
+    compute_dtype,
     finite_layers,
     flat_jacobian,
+    log_norm,
+    output_sizes,
     per_layer,
+    prepare,
     trace,
 )
 from jacobian_lab.model import Model, Params, forward
@@ -104,12 +108,17 @@ def layer_jacobians(net: Model, params: Params, x) -> LayerJacobians:
         Raises ``FloatingPointError`` naming the first layer (from the input) whose output
         or Jacobian is not finite.
     """
-    lj, ok = _layer_jacobians(net, params, net.samples(x))
+    lj, ok = _layer_jacobians(net, params, prepare(net, params, x))
     check_finite(ok, net)
     return lj
 
 
-def accumulate(jacs: list, emit: Callable[[jax.Array, list], object], pairs: bool = True) -> object:
+def accumulate(
+    jacs: list,
+    emit: Callable[[jax.Array, list], object],
+    pairs: bool = True,
+    rescale: bool = False,
+) -> object:
     """Products of layer Jacobians from the input upwards, for one sample.
 
     Walks the layers from the input keeping ``P_in = d h / d x`` and, with ``pairs``,
@@ -118,44 +127,81 @@ def accumulate(jacs: list, emit: Callable[[jax.Array, list], object], pairs: boo
 
     Args:
         jacs: per segment, ``(n, d_out, d_in)`` Jacobians in forward order.
-        emit: ``(P_in, stacks) -> value`` called at every layer, ``stacks`` the per-segment
+        emit: called at every layer with ``(P_in, stacks)``, ``stacks`` the per-segment
             ``(n_j, d_h, d_j)`` products (zero for layers not yet reached, identity for the
-            current one); ``[]`` without ``pairs``.
+            current one; ``[]`` without ``pairs``). With ``rescale``, every product is kept
+            divided by its Frobenius norm, and ``emit`` gets the logarithms of the norms
+            instead: a scalar and ``(n_j,)`` arrays (``-inf`` for a zero product), which
+            cannot overflow or underflow.
 
     Returns:
         The emitted values stacked over layers, in forward order.
     """
+
+    def norm_of(P, axes):
+        return jnp.exp(log_norm(P, axis=axes)) if rescale else None
+
+    def times(D, P, lg, batched):
+        P = jnp.einsum("ij,kjl->kil", D, P) if batched else D @ P
+        if not rescale:
+            return P, lg
+        n = norm_of(P, (-2, -1))
+        safe = jnp.where(n > 0, n, 1)
+        return P / (safe[:, None, None] if batched else safe), lg + jnp.log(n)
+
+    def emitted(P_in, below):
+        if rescale:
+            return emit(P_in[1], [lg for _, lg in below])
+        return emit(P_in[0], [P for P, _ in below])
+
     d_x = jacs[0].shape[-1]
-    P_in = jnp.eye(d_x, dtype=jacs[0].dtype)
+    eye_x = jnp.eye(d_x, dtype=jacs[0].dtype)
+    P_in = (eye_x, jnp.zeros((), jacs[0].dtype) + 0.5 * jnp.log(1.0 * d_x) if rescale else None)
+    if rescale:
+        P_in = (eye_x / jnp.sqrt(1.0 * d_x), P_in[1])
     below: list = []
-    emitted = []
+    out_all = []
+
+    def advance(P_in, below, D):
+        P_in = times(D, P_in[0], P_in[1], False)
+        below = [times(D, P, lg, True) for P, lg in below]
+        return P_in, below
+
+    def fresh(n, d, dtype, j=None):
+        own = jnp.zeros((n, d, d), dtype)
+        lg = jnp.full((n,), -jnp.inf, dtype) if rescale else None
+        return own, lg
+
     for J in jacs:
         n, d = J.shape[0], J.shape[1]
         eye = jnp.eye(d, dtype=J.dtype)
+        log_eye = 0.5 * jnp.log(1.0 * d)
 
-        def advance(P_in, below, D):
-            return D @ P_in, [jnp.einsum("ij,kjl->kil", D, P) for P in below]
+        def set_current(own, lg, j, eye=eye, d=d, log_eye=log_eye):
+            if rescale:
+                return own.at[j].set(eye / jnp.sqrt(1.0 * d)), lg.at[j].set(log_eye)
+            return own.at[j].set(eye), lg
 
         if n == 1 or J.shape[1] != J.shape[2]:  # a single (maybe size-changing) layer
             P_in, below = advance(P_in, below, J[0])
-            own = eye[None] if pairs else None
-            out = emit(P_in, [*below, own] if pairs else [])
+            own = set_current(*fresh(1, d, J.dtype), 0) if pairs else None
+            out = emitted(P_in, [*below, own] if pairs else [])
             out = jax.tree_util.tree_map(lambda a: a[None], out)
         else:
 
-            def step(carry, inp, eye=eye):
+            def step(carry, inp, set_current=set_current):
                 P_in, below, own = carry
                 D, j = inp
                 P_in, below = advance(P_in, below, D)
                 if own is not None:  # the earlier layers of this segment, then this one
-                    own = jnp.einsum("ij,kjl->kil", D, own).at[j].set(eye)
-                return (P_in, below, own), emit(P_in, [*below, own] if pairs else [])
+                    own = set_current(*times(D, *own, True), j)
+                return (P_in, below, own), emitted(P_in, [*below, own] if pairs else [])
 
-            own = jnp.zeros((n, d, d), J.dtype) if pairs else None
+            own = fresh(n, d, J.dtype) if pairs else None
             (P_in, below, own), out = jax.lax.scan(step, (P_in, below, own), (J, jnp.arange(n)))
         below = [*below, own] if pairs else []
-        emitted.append(out)
-    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *emitted)
+        out_all.append(out)
+    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *out_all)
 
 
 class PairJacobians(NamedTuple):
@@ -195,7 +241,17 @@ def layer_to_layer_jacobians(net: Model, params: Params, x) -> PairJacobians:
     Memory is ``S * L^2 * d^2`` numbers: for large depths use :func:`jacobian_lab.gsc_matrix`,
     which keeps only the norms. Shapes and indexing: :class:`PairJacobians`.
     """
-    pj, ok = _pair_jacobians(net, params, net.samples(x))
+    xs = prepare(net, params, x)
+    sizes = output_sizes(net, params, xs)
+    S, L, d = jax.tree_util.tree_leaves(xs)[0].shape[0], len(sizes), max(max(s) for s in sizes)
+    check_memory(
+        S
+        * (L * L * d * d + L * d * sizes[0][0])
+        * jnp.dtype(compute_dtype(net) or "float32").itemsize,
+        "every layer-to-layer Jacobian (S L^2 d^2 numbers) needs",
+        "use gsc_matrix (norms only), or fewer samples or layers",
+    )
+    pj, ok = _pair_jacobians(net, params, xs)
     check_finite(ok, net)
     return pj
 
@@ -220,7 +276,7 @@ def input_to_layer_jacobians(net: Model, params: Params, x) -> jax.Array:
         Memory ``S * L * d * d_in`` numbers; for the whole network alone use
         :func:`input_output_jacobian`.
     """
-    P, ok = _input_to_layer_jacobians(net, params, net.samples(x))
+    P, ok = _input_to_layer_jacobians(net, params, prepare(net, params, x))
     check_finite(ok, net)
     return P
 
@@ -237,7 +293,7 @@ def _input_output_jacobian(model: Model, params: Params, xs) -> jax.Array:
 def input_output_jacobian(net: Model, params: Params, x) -> jax.Array:
     """The Jacobian d f_0 / d x of the whole network, per sample: ``(S, size f_0, size x)``
     (any sizes), forward or reverse mode through the stages, checked finite."""
-    xs = net.samples(x)
+    xs = prepare(net, params, x)
     J = _input_output_jacobian(net, params, xs)
     if not is_traced(J) and not bool(jnp.all(jnp.isfinite(J))):
         check_finite(_layer_jacobians_finite(net, params, xs), net)

@@ -115,6 +115,9 @@ class Model:
         sample axis ``S`` (``S`` inputs, or ``S`` batches for a batch-coupled model)."""
         raise NotImplementedError
 
+    params_spec: Any = None
+    """The expected params: a pytree of ``jax.ShapeDtypeStruct`` (see :func:`spec_of`)."""
+
     def init(self, key: jax.Array) -> Params:
         """Draw params (built-in models; a chain's come with it)."""
         raise TypeError(
@@ -144,6 +147,13 @@ class Model:
         L = self.num_layers
         i = L - 1 - l
         return f"f_{l} = output of {self.names[i]!r} (layer {i + 1} of {L} from the input)"
+
+
+def spec_of(params: Params) -> Any:
+    """The shapes and dtypes of a params pytree, as ``jax.ShapeDtypeStruct`` leaves."""
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), params
+    )
 
 
 def check_stage_params(model: Model, params: Params) -> tuple:
@@ -206,6 +216,11 @@ def require_float_arrays(out) -> None:
             f"returned {out!r}, but every layer must return a float array or a pytree of "
             "float arrays (wrap a layer that returns extra state, such as (y, state), so "
             "that it returns y alone)"
+        )
+    if any(v.size == 0 for v in leaves):
+        raise LayerOutputError(
+            f"returned an empty output {jax.tree_util.tree_map(jnp.shape, out)}: a layer "
+            "needs at least one value (check its output size)"
         )
 
 

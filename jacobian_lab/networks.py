@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 
 from jacobian_lab.activations import get_activation
-from jacobian_lab.initializers import INITIALIZERS, weight_matrix
+from jacobian_lab.checks import check_memory
+from jacobian_lab.initializers import INITIALIZERS, normal, weight_matrix
 from jacobian_lab.model import Block, Layer, Model, Params, Repeat, forward, walk
 
 NORMS = ("none", "layer", "batch")
@@ -126,6 +127,11 @@ class Network(Model):
     def stage_params(self, params: Params) -> tuple:
         return (params["stem"], params["units"]) if self.num_units else (params["stem"],)
 
+    @cached_property
+    def params_spec(self):
+        """Shapes and dtypes of :meth:`init`'s params (nothing is drawn)."""
+        return jax.eval_shape(self.init, jax.random.PRNGKey(0))
+
     def samples(self, x: jax.Array) -> jax.Array:
         if self.batch_coupled:
             xs = x[None] if x.ndim == self.example_ndim + 1 else x
@@ -150,10 +156,20 @@ class Network(Model):
                 "dtype='float64' needs 64-bit JAX: call jax.config.update('jax_enable_x64', "
                 "True) at start-up, set JAX_ENABLE_X64=1, or use `with jax.enable_x64(True):`"
             )
-        k_stem, k_units = jax.random.split(key)
         n, d = self.width, self.input_dim
-        stem = self._layer_params(k_stem, d, n, paired_input=False)
         per_unit = self.block_layers if self.residual else 1
+        one = lambda fan_in: jax.eval_shape(  # noqa: E731
+            lambda k: self._layer_params(k, fan_in, n, True), jax.random.PRNGKey(0)
+        )
+        size = lambda tree: sum(a.size for a in jax.tree_util.tree_leaves(tree))  # noqa: E731
+        count = size(one(d)) + self.num_units * per_unit * size(one(n))
+        check_memory(
+            count * dtype.itemsize,
+            f"the params of this {type(self).__name__} ({count:.3g} numbers) need",
+            "choose a smaller depth, num_blocks or width",
+        )
+        k_stem, k_units = jax.random.split(key)
+        stem = self._layer_params(k_stem, d, n, paired_input=False)
         keys = jax.random.split(k_units, self.num_units * per_unit)
         units = jax.vmap(lambda k: self._layer_params(k, n, n, True))(keys)
         if self.residual:
@@ -230,7 +246,7 @@ class Network(Model):
             paired_input=paired_input,
             dtype=dtype,
         )
-        return {"W": W, "b": self.sigma_b * jax.random.normal(k_b, (fan_out,), dtype)}
+        return {"W": W, "b": self.sigma_b * normal(k_b, (fan_out,), dtype)}
 
     # -- forward on a batch --------------------------------------------------------------
     def apply(self, params: Params, x: jax.Array) -> jax.Array:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
-from jacobian_lab.driver import check_finite, finite_layers, per_layer, trace
+from jacobian_lab.driver import check_finite, finite_layers, per_layer, prepare, trace
 from jacobian_lab.model import Model, Params
 from jacobian_lab.residual import require_blocks
 
@@ -147,6 +147,6 @@ def path_gradients(
         taken at the input of the first block.
     """
     require_blocks(net, pre=True)
-    out, ok = _path_gradients(net, params, net.samples(x), key, num_paths)
+    out, ok = _path_gradients(net, params, prepare(net, params, x), key, num_paths)
     check_finite(ok, net)
     return out

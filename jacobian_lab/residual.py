@@ -24,7 +24,19 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab.driver import Record, check_finite, finite_layers, per_layer, trace
+from jacobian_lab.driver import (
+    Record,
+    check_finite,
+    check_lengths,
+    check_values,
+    finite_layers,
+    log_lengths,
+    log_norm,
+    norm,
+    per_layer,
+    prepare,
+    trace,
+)
 from jacobian_lab.model import Block, Model, Params, unit_of
 
 
@@ -89,17 +101,18 @@ def _sq(a: jax.Array) -> jax.Array:
 @partial(jax.jit, static_argnums=0)
 def _pythagorean(model: Model, params: Params, xs):
     tr = trace(model, params, xs, jac=False, blocks=True)
-    bl = _blocks(tr)
-    ff, rr, ss, fr = (
-        per_layer([f(r) for r in bl])
-        for f in (
-            lambda r: _sq(r.skip),
-            lambda r: _sq(r.branch),
-            lambda r: _sq(r.skip + r.branch),
-            lambda r: 2 * jnp.sum(r.skip * r.branch, axis=-1),
-        )
-    )
-    return Pythagorean(ff, rr, ss, fr, fr / (2 * jnp.sqrt(ff * rr))), finite_layers(tr)
+    terms = []
+    for r in _blocks(tr):
+        # on f / m and r / m (m the largest entry of either), so that neither the squares
+        # nor the cosine overflow or underflow; the squared lengths are m^2 times these
+        m = jnp.maximum(jnp.max(jnp.abs(r.skip), -1), jnp.max(jnp.abs(r.branch), -1))
+        m = jnp.where(m > 0, m, 1)[..., None]
+        f, b = r.skip / m, r.branch / m
+        ff, rr, ss, fr = _sq(f), _sq(b), _sq(f + b), 2 * jnp.sum(f * b, axis=-1)
+        cos = fr / (2 * jnp.sqrt(ff * rr))
+        terms.append((*(t * m[..., 0] ** 2 for t in (ff, rr, ss, fr)), cos))
+    joined = (per_layer(list(t)) for t in zip(*terms, strict=True))
+    return Pythagorean(*joined), finite_layers(tr), log_lengths(tr)
 
 
 def pythagorean_decomposition(net: Model, params: Params, x) -> Pythagorean:
@@ -117,8 +130,10 @@ def pythagorean_decomposition(net: Model, params: Params, x) -> Pythagorean:
         output first (``net.block_outputs`` gives each block's output layer ``l``).
     """
     require_blocks(net)
-    out, ok = _pythagorean(net, params, net.samples(x))
+    out, ok, log_len = _pythagorean(net, params, prepare(net, params, x))
     check_finite(ok, net)
+    check_lengths(log_len, net)
+    check_values(out.sum_sq, "the squared lengths ||f + r||^2 (try float64)")
     return out
 
 
@@ -156,11 +171,13 @@ def backward_ratios(jacs: list, g: jax.Array) -> jax.Array:
     """``||g_{l+1}|| / ||g_l||`` for every layer of one sample, GSC order ``(L,)``, where
     ``g_0 = g`` and ``g_{l+1} = J_l^T g_l`` (``jacs``: per segment, forward order)."""
     out = []
+    g = g / norm(g)
     for J in reversed(jacs):
 
-        def step(g, D):
+        def step(g, D):  # g has norm 1: the ratio is ||D^T g||, then g is rescaled
             below = D.T @ g
-            return below, jnp.linalg.norm(below) / jnp.linalg.norm(g)
+            n = norm(below)
+            return below / jnp.where(n > 0, n, 1), n
 
         if J.shape[0] == 1 or J.shape[1] != J.shape[2]:
             g, r = step(g, J[0])
@@ -213,7 +230,7 @@ def block_jacobian_stats(net: Model, params: Params, x, key: jax.Array) -> Block
         :class:`BlockJacobianStats`; the block axis follows ``net.block_outputs`` (or the
         square layers, nearest the output first).
     """
-    stats, ok = _block_stats(net, params, net.samples(x), key)
+    stats, ok = _block_stats(net, params, prepare(net, params, x), key)
     check_finite(ok, net)
     return stats
 
@@ -246,7 +263,7 @@ class BlockGSC(NamedTuple):
 
 
 def _qm(J: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.sum(J**2, axis=(-2, -1)) / J.shape[-1])
+    return jnp.exp(log_norm(J, axis=(-2, -1)) - 0.5 * jnp.log(J.shape[-1]))
 
 
 @partial(jax.jit, static_argnums=0)
@@ -254,9 +271,7 @@ def _block_gsc(model: Model, params: Params, xs):
     tr = trace(model, params, xs, blocks=True)
     fields = []
     for r in _blocks(tr):
-        n_h, n_s, n_r, n_out = (
-            jnp.linalg.norm(v, axis=-1) for v in (r.inp, r.skip, r.branch, r.out)
-        )
+        n_h, n_s, n_r, n_out = (norm(v) for v in (r.inp, r.skip, r.branch, r.out))
         qm_block, qm_r = _qm(r.jac), _qm(r.branch_jac)
         qm_s = jnp.ones_like(qm_r) if r.skip_jac is None else _qm(r.skip_jac)
         rho = n_r / n_s
@@ -266,7 +281,7 @@ def _block_gsc(model: Model, params: Params, xs):
         predicted = n_h / n_s * jnp.sqrt((qm_s**2 + qm_r**2) / (1 + rho**2))
         fields.append((qm_block * n_h / n_out, branch, rho, predicted))
     joined = (per_layer(list(f)) for f in zip(*fields, strict=True))
-    return BlockGSC(*joined), finite_layers(tr)
+    return BlockGSC(*joined), finite_layers(tr), log_lengths(tr)
 
 
 def block_gsc(net: Model, params: Params, x) -> BlockGSC:
@@ -286,6 +301,7 @@ def block_gsc(net: Model, params: Params, x) -> BlockGSC:
         ``qm(J_s) ||f|| / ||s||`` in place of 1.
     """
     require_blocks(net, pre=True)
-    out, ok = _block_gsc(net, params, net.samples(x))
+    out, ok, log_len = _block_gsc(net, params, prepare(net, params, x))
     check_finite(ok, net)
+    check_lengths(log_len, net)
     return out

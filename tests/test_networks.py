@@ -43,9 +43,11 @@ def test_plain_mlp_matches_a_hand_written_forward_pass(key):
 
 def test_batch_norm_normalizes_each_feature_over_the_batch(key):
     net = jl.mlp(2, 8, "linear", norm="batch", order="linear-act-norm", dtype="float64")
-    out = net.apply(net.init(key), _x(16, 8))
+    params, x = net.init(key), _x(16, 8)
+    out = net.apply(params, x)
     np.testing.assert_allclose(out.mean(0), 0, atol=1e-12)
-    np.testing.assert_allclose(out.var(0), 1, rtol=1e-4)  # eps = 1e-5 in the denominator
+    v = net.preactivations(params, x)[0].var(0)  # the output layer's features before the norm
+    np.testing.assert_allclose(out.var(0), v / (v + net.norm_eps), rtol=1e-12)
 
 
 def test_post_activation_block_applies_activation_after_the_sum(key):

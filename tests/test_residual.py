@@ -102,12 +102,19 @@ def test_block_gsc_equals_the_gsc_matrix_entry_across_each_block(key):
 
 def test_block_gsc_prediction_becomes_exact_as_width_grows(key):
     """The prediction neglects the cross term 2<f, r> and 2 tr(J_r)/d, both of relative
-    order 1/sqrt(width): its median error shrinks about 3-fold from width 32 to 288."""
+    order 1/sqrt(width): its median error shrinks about 3-fold from width 32 to 288. The
+    median is pooled over 4 initializations (96 blocks x inputs): one draw's median varies
+    2-3x between seeds."""
 
     def median_error(width):
         net = jl.resmlp(6, width, "tanh", norm="layer", dtype="float64")
-        b = jl.block_gsc(net, net.init(key), _x(4, width))
-        return float(jnp.median(jnp.abs(b.predicted / b.gsc - 1)))
+        errors = [
+            jnp.abs(b.predicted / b.gsc - 1)
+            for b in (
+                jl.block_gsc(net, net.init(k), _x(4, width)) for k in jax.random.split(key, 4)
+            )
+        ]
+        return float(jnp.median(jnp.stack(errors)))
 
     e32, e288 = median_error(32), median_error(288)
     assert e288 < e32 / 1.8

@@ -1,0 +1,197 @@
+"""Numbers a researcher can trust: extreme and bad inputs give a correct number, a warning
+naming the layer and the cause, or an error naming the argument and the fix; never a
+silent 0 or NaN."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jacobian_lab as jl
+from jacobian_lab.gsc import UnderflowWarning
+from jacobian_lab.model import LayerOutputError
+
+
+def _x(n, d, dtype=jnp.float32, seed=1):
+    return jax.random.normal(jax.random.PRNGKey(seed), (n, d), dtype)
+
+
+# -- 1. lengths and products that overflow or underflow while every layer is finite ------
+
+
+def test_large_activations_give_the_float64_gsc_in_float32(key):
+    """ReLU with sigma_w = 4: activations reach ~1e21 at depth 50 (finite in float32), so
+    ||f_0||^2 and the running Jacobian product overflow unless rescaled."""
+    net32 = jl.mlp(50, 32, "relu", sigma_w=4.0)
+    net64 = jl.mlp(50, 32, "relu", sigma_w=4.0, dtype="float64")
+    x = _x(2, 32)
+    g32 = jl.gsc(net32, net32.init(key), x)
+    g64 = jl.gsc(net64, net64.init(key), x.astype(jnp.float64))
+    assert float(jnp.max(jnp.abs(net32.activations(net32.init(key), x)))) > 1e19
+    np.testing.assert_allclose(g32, g64, rtol=2e-3)  # float32 rounding over 50 layers
+    G = jl.gsc_matrix(net32, net32.init(key), x)
+    np.testing.assert_allclose(G[:, :, 0], g64, rtol=2e-3)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+def test_a_relu_gsc_does_not_depend_on_the_input_scale(key, scale):
+    """ReLU networks without biases are positively homogeneous: GSC is scale free."""
+    net = jl.mlp(20, 16, "relu", sigma_w=2**0.5)
+    params, x = net.init(key), _x(2, 16)
+    g = jl.gsc(net, params, x)
+    np.testing.assert_allclose(jl.gsc(net, params, scale * x), g, rtol=1e-4)
+    np.testing.assert_allclose(
+        jl.gsc_matrix(net, params, scale * x), jl.gsc_matrix(net, params, x), rtol=1e-4
+    )
+    res = jl.resmlp(4, 16, "relu")
+    rp = res.init(key)
+    b, b_scaled = jl.block_gsc(res, rp, x), jl.block_gsc(res, rp, scale * x)
+    np.testing.assert_allclose(b_scaled.gsc, b.gsc, rtol=1e-4)
+    # ||f + r||^2 ~ scale^2 is no float32 number at 1e+-20: an error, not inf or 0; at
+    # 1e+-15 it is, and the cosine (computed scale free) is the unscaled one
+    with pytest.raises(FloatingPointError, match=r"\|\|f \+ r\|\|\^2 .*float32"):
+        jl.pythagorean_decomposition(res, rp, scale * x)
+    p = jl.pythagorean_decomposition(res, rp, x)
+    p_scaled = jl.pythagorean_decomposition(res, rp, scale**0.75 * x)
+    np.testing.assert_allclose(p_scaled.cosine, p.cosine, rtol=1e-4, atol=1e-6)
+
+
+def test_qm_norm_of_a_finite_matrix_is_finite():
+    """Computed in logs: float32 keeps log(2e30) = 69.8 to one ulp, 7.6e-6 relative."""
+    A = jnp.full((4, 4), 1e30, jnp.float32)
+    np.testing.assert_allclose(jl.qm_norm(A), 2e30, rtol=1e-5)  # sqrt(16 / 4) * 1e30
+    np.testing.assert_allclose(jl.qm_norm(jnp.full((4, 4), 1e-30, jnp.float32)), 2e-30, rtol=1e-5)
+
+
+# -- 2. exact zeros from saturation ------------------------------------------------------
+
+
+def test_saturated_jacobian_warns_with_the_layer_and_growth_rate_refuses_zeros(key):
+    net = jl.mlp(10, 32, "tanh", sigma_w=1000.0)
+    with pytest.warns(UnderflowWarning, match=r"GSC\(k, 0\) is exactly 0 for k >= 1.*'dense10'"):
+        g = jl.gsc(net, net.init(key), _x(2, 32))
+    with pytest.raises(ValueError, match="needs positive values"):
+        jl.growth_rate(g.mean(0))
+
+
+# -- 3. degenerate networks ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (jl.mlp(5, 8, "relu", sigma_w=0.0), _x(3, 8)),  # zero weights
+        lambda: (jl.mlp(4, 1, "relu", norm="layer", in_dim=8), _x(3, 8)),  # one feature
+        lambda: (jl.mlp(4, 8, "tanh", norm="batch"), jnp.ones((4, 8))),  # identical samples
+    ],
+    ids=["sigma_w=0", "width-1 layer norm", "identical batch-norm samples"],
+)
+def test_a_zero_layer_output_is_an_error_naming_the_layer(key, make):
+    net, x = make()
+    with pytest.raises(FloatingPointError, match=r"is exactly zero for sample 0.*undefined"):
+        jl.gsc(net, net.init(key), x)
+
+
+def test_a_dead_relu_network_is_an_error_and_gsc00_is_always_one(key):
+    net = jl.mlp(50, 4, "relu", sigma_w=2**0.5)
+    with pytest.raises(FloatingPointError, match=r"'dense\d+' .* is exactly zero"):
+        jl.gsc(net, net.init(jax.random.PRNGKey(3)), _x(2, 4))
+    live = jl.mlp(6, 8, "relu", sigma_w=2**0.5)
+    assert bool(jnp.all(jl.gsc(live, live.init(key), _x(3, 8))[:, 0] == 1))
+
+
+def test_an_empty_layer_output_names_the_layer():
+    ch, params = jl.chain([jnp.tanh, (lambda p, h: h[:0], ())], names=["ok", "empty"])
+    with pytest.raises(LayerOutputError, match=r"'empty'.*empty output"):
+        jl.gsc(ch, params, _x(2, 3))
+
+
+# -- 4. inputs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [jnp.inf, jnp.nan])
+def test_non_finite_inputs_are_rejected_naming_the_sample(key, bad):
+    net = jl.mlp(4, 8, "tanh")
+    x = _x(3, 8).at[1, 2].set(bad)
+    with pytest.raises(ValueError, match=r"x holds inf or NaN in sample 1 of 3"):
+        jl.gsc(net, net.init(key), x)
+    with pytest.raises(ValueError, match=r"x holds inf or NaN in sample 1 of 3"):
+        jl.gsc_estimate(net, net.init(key), x, key, 8)
+
+
+# -- 5. params that do not belong to the model ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "other, match",
+    [
+        (
+            lambda: jl.mlp(12, 8, "tanh").init(jax.random.PRNGKey(0)),
+            r"\['units'\]\['W'\] has shape \(11, 8, 8\), expected \(5, 8, 8\)",
+        ),
+        (lambda: jl.mlp(6, 9, "tanh", in_dim=8).init(jax.random.PRNGKey(0)), r"has shape"),
+        (lambda: jl.resmlp(5, 8, "tanh").init(jax.random.PRNGKey(0)), r"has shape \(5, 2, 8, 8\)"),
+        (
+            lambda: {"stem": jl.mlp(6, 8, "tanh").init(jax.random.PRNGKey(0))["stem"]},
+            r"has no entry \['units'\]",
+        ),
+        (lambda: None, r"params is None"),
+    ],
+    ids=["deeper", "wider", "resnet", "missing key", "None"],
+)
+def test_params_of_another_model_are_rejected_naming_the_entry(other, match):
+    net = jl.mlp(6, 8, "tanh")
+    with pytest.raises(ValueError, match=match):
+        jl.gsc(net, other(), _x(2, 8))
+
+
+# -- 6. precision: the model's dtype wins ----------------------------------------------------
+
+
+def test_the_model_dtype_wins_and_seeds_draw_the_same_numbers_in_both_precisions(key):
+    net32 = jl.mlp(4, 8, "tanh", weight_init="orthogonal")
+    net64 = jl.mlp(4, 8, "tanh", weight_init="orthogonal", dtype="float64")
+    p32, p64 = net32.init(key), net64.init(key)
+    assert jl.gsc(net32, p32, _x(2, 8, jnp.float64)).dtype == jnp.float32  # x is cast
+    with pytest.raises(ValueError, match=r"is float32 but this model computes in float64"):
+        jl.gsc(net64, p32, _x(2, 8))
+    for a, b in zip(jax.tree_util.tree_leaves(p32), jax.tree_util.tree_leaves(p64), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # rounding only
+    W = p64["units"]["W"][0]
+    np.testing.assert_allclose(W @ W.T, jnp.eye(8), atol=1e-14)  # orthogonal in float64
+
+
+# -- 9. raw errors a user cannot act on ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "x, error, match",
+    [
+        (jnp.zeros((0, 8)), ValueError, "holds no samples"),
+        ([[0.0] * 8] * 2, TypeError, r"got list: use jnp.asarray\(x\)"),
+        (jnp.ones((2, 8), jnp.int32), TypeError, "real floating-point numbers, got int32"),
+        (jnp.ones((2, 8), bool), TypeError, "real floating-point numbers, got bool"),
+        (jnp.ones((2, 8), jnp.complex64), TypeError, "got complex"),
+    ],
+    ids=["empty", "list", "int", "bool", "complex"],
+)
+def test_bad_inputs_get_a_message_naming_x_and_the_fix(key, x, error, match):
+    net = jl.mlp(3, 8, "tanh")
+    with pytest.raises(error, match=match):
+        jl.gsc(net, net.init(key), x)
+
+
+@pytest.mark.parametrize("keys", [3, jax.random.PRNGKey(0)], ids=["int", "unsplit"])
+def test_seed_sweeps_need_split_keys(keys):
+    net = jl.mlp(3, 8, "tanh")
+    with pytest.raises(TypeError, match=r"jax.random.split\(jax.random.PRNGKey\(0\), n_seeds\)"):
+        jl.gsc_over_seeds(net, keys, _x(2, 8))
+
+
+# -- 11. sizes that cannot fit ----------------------------------------------------------------
+
+
+def test_a_network_too_large_for_the_machine_is_refused_before_allocating(key):
+    net = jl.mlp(10**8, 16, "relu")
+    with pytest.raises(MemoryError, match=r"params of this Network .* GiB, more than"):
+        net.init(key)
