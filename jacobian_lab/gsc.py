@@ -50,7 +50,7 @@ from jacobian_lab.matrix_free import (
     choose_method,
     probe_dof,
 )
-from jacobian_lab.model import Model, Params, forward, zero_perturbations
+from jacobian_lab.model import Model, Params, apply_unit, forward, walk
 from jacobian_lab.sharding import map_over_devices
 
 
@@ -75,13 +75,6 @@ def gradient_scale(J: jax.Array, f_k: jax.Array, f_l: jax.Array) -> jax.Array:
     lk = log_norm(jnp.reshape(f_k, (*batch, -1)))
     ll = log_norm(jnp.reshape(f_l, (*batch, -1)))
     return jnp.exp(log_norm(J, axis=(-2, -1)) - 0.5 * jnp.log(J.shape[-1]) + lk - ll)
-
-
-def _gsc_from_norms(sq: jax.Array, sizes, sq_len: jax.Array) -> jax.Array:
-    """``GSC(k, 0) = sqrt(||J_k^0||_F^2 / d_k) ||f_k|| / ||f_0||`` from ``(S, L+1)``
-    squared Frobenius norms and squared lengths."""
-    d_k = jnp.asarray(sizes, sq.dtype)
-    return jnp.sqrt(sq / d_k * sq_len / sq_len[:, :1])
 
 
 def _gsc_from_logs(log_fro: jax.Array, sizes, log_len: jax.Array) -> jax.Array:
@@ -216,11 +209,48 @@ def dense_gsc_bytes(model: Model, params: Params, xs) -> int:
     return 2 * leaf.shape[0] * jnp.dtype(leaf.dtype).itemsize * (layer_jacobians + running)
 
 
-def _probe_sq_norms(model: Model, params: Params, x, key, num_probes: int):
-    """For one sample: ``||J_k^0^T u||^2`` per probe ``u`` and layer ``k = 0 .. L``
-    ``(P, L+1)`` and the squared lengths ``(L+1,)``, from one backward pass per probe."""
-    eps0 = zero_perturbations(model, params, x)
-    (out, outs), vjp = jax.vjp(lambda v, e: forward(model, params, v, e), x, eps0)
+@jax.custom_vjp
+def _rescale_tap(h, s):
+    """The identity on ``h``; backwards it divides the incoming cotangent by its norm and
+    returns the log of that norm as the cotangent of the scalar ``s``, so that one backward
+    pass measures every layer's gradient norm without overflow or underflow."""
+    del s
+    return h
+
+
+def _rescale_fwd(h, s):
+    return h, jnp.zeros((), s.dtype)
+
+
+def _rescale_bwd(zero, g):
+    leaves = jax.tree_util.tree_leaves(g)
+    m = jnp.max(jnp.stack([jnp.max(jnp.abs(a)) for a in leaves]))
+    safe = jnp.where(m > 0, m, 1)
+    log_n = jnp.log(safe) + 0.5 * jnp.log(sum(jnp.sum((a / safe) ** 2) for a in leaves))
+    n = jnp.exp(log_n)
+    g = jax.tree_util.tree_map(lambda a: a / jnp.where(n > 0, n, 1).astype(a.dtype), g)
+    return g, (log_n + zero).astype(zero.dtype)
+
+
+_rescale_tap.defvjp(_rescale_fwd, _rescale_bwd)
+
+
+def _probe_log_norms(model: Model, params: Params, x, key, num_probes: int):
+    """For one sample: ``log ||J_k^0^T u||`` per probe ``u`` and layer ``k = 0 .. L``
+    ``(P, L+1)`` and ``log ||f_k||`` ``(L+1,)``, from one backward pass per probe (the
+    cotangent rescaled at every layer by :func:`_rescale_tap`)."""
+
+    def tap(unit, p, h, s):
+        return (lambda out: (out, out))(_rescale_tap(apply_unit(unit, p, h), s))
+
+    segments = jax.eval_shape(lambda v: forward(model, params, v)[1], x)
+    s0 = [
+        jnp.zeros(
+            jax.tree_util.tree_leaves(seg)[0].shape[:1], jax.tree_util.tree_leaves(seg)[0].dtype
+        )
+        for seg in segments
+    ]
+    (out, outs), vjp = jax.vjp(lambda v, s: walk(model, params, v, tap, s), x, s0)
     leaves, treedef = jax.tree_util.tree_flatten(out)  # a chain's output may be a pytree
     probes = jax.tree_util.tree_unflatten(
         treedef,
@@ -230,47 +260,52 @@ def _probe_sq_norms(model: Model, params: Params, x, key, num_probes: int):
         ],
     )
     zero_outs = jax.tree_util.tree_map(jnp.zeros_like, outs)
-    g_x, g_eps = jax.vmap(lambda u: vjp((u, zero_outs)))(probes)
-
-    def per_layer_sq(segments, lead):  # forward order, (lead, L)
-        return jnp.concatenate(
-            [
-                sum(
-                    jnp.sum(a**2, axis=tuple(range(lead + 1, a.ndim)))
-                    for a in jax.tree_util.tree_leaves(seg)
-                )
-                for seg in segments
-            ],
-            axis=-1,
-        )
-
-    sq = per_layer_sq(g_eps, 1)[:, ::-1]  # (P, L), GSC order
-    sq_in = jax.vmap(lambda g: jnp.sum(ravel_pytree(g)[0] ** 2))(g_x)
-    sq_len = jnp.concatenate([per_layer_sq(outs, 0)[::-1], jnp.sum(ravel_pytree(x)[0] ** 2)[None]])
-    return jnp.concatenate([sq, sq_in[:, None]], axis=1), sq_len
+    g_x, log_steps = jax.vmap(lambda u: vjp((u, zero_outs)))(probes)
+    steps = jnp.concatenate(log_steps, axis=-1)[:, ::-1]  # (P, L), from the output down
+    log_fro = jnp.cumsum(steps, axis=-1)
+    log_x = log_fro[:, -1] + jax.vmap(lambda g: log_norm(ravel_pytree(g)[0]))(g_x)
+    flat = lambda seg: jnp.concatenate(  # noqa: E731
+        [a.reshape(a.shape[0], -1) for a in jax.tree_util.tree_leaves(seg)], axis=-1
+    )
+    log_len = jnp.concatenate(
+        [
+            jnp.concatenate([log_norm(flat(seg)) for seg in outs])[::-1],
+            log_norm(ravel_pytree(x)[0])[None],
+        ]
+    )
+    return jnp.concatenate([log_fro, log_x[:, None]], axis=1), log_len
 
 
 @partial(jax.jit, static_argnums=(0, 4))
 def _gsc_probes(model: Model, params: Params, xs, key, num_probes: int):
-    """Per sample and layer: the mean of ``||J_k^0^T u||^2`` over the probes, its standard
-    error (``ddof=1``; ``inf`` for one probe) and the squared lengths."""
+    """Per sample and layer: ``log Q`` with ``Q`` the mean of ``||J_k^0^T u||^2`` over the
+    probes, the relative standard error ``se(Q) / Q`` (``ddof=1``; ``inf`` for one probe)
+    and ``log ||f_k||``; all from probe norms kept in logs, so nothing overflows."""
 
     num_probes = check_count(num_probes, "num_probes")
     keys = jax.random.split(key, jax.tree_util.tree_leaves(xs)[0].shape[0])
-    sq, sq_len = jax.vmap(lambda x, k: _probe_sq_norms(model, params, x, k, num_probes))(xs, keys)
+    log_n, log_len = jax.vmap(lambda x, k: _probe_log_norms(model, params, x, k, num_probes))(
+        xs, keys
+    )
+    top = jnp.max(2 * log_n, axis=1, keepdims=True)  # (S, 1, L+1)
+    live = jnp.isfinite(top)
+    w = jnp.where(live, jnp.exp(2 * log_n - jnp.where(live, top, 0)), 0.0)  # in [0, 1]
+    mean = w.mean(1)
+    log_q = jnp.where(live[:, 0], top[:, 0] + jnp.log(mean), top[:, 0])
     if num_probes == 1:
-        return sq.mean(1), jnp.full_like(sq[:, 0], jnp.inf), sq_len
-    return sq.mean(1), sq.std(1, ddof=1) / jnp.sqrt(num_probes), sq_len
+        return log_q, jnp.full_like(mean, jnp.inf), log_len
+    se = w.std(1, ddof=1) / jnp.sqrt(num_probes)
+    return log_q, jnp.where(mean > 0, se / jnp.where(mean > 0, mean, 1), 0.0), log_len
 
 
-def _estimate_finite(sq: jax.Array, sq_len: jax.Array) -> jax.Array:
+def _estimate_finite(log_q: jax.Array, log_len: jax.Array) -> jax.Array:
     """``(L,)`` per-layer finiteness (GSC order, as :func:`~jacobian_lab.driver.finite_layers`)
     for the matrix-free pass: a layer whose output went non-finite in the forward pass;
     else, the layer whose Jacobian first made the backward pass non-finite, counted from
     the output (everything below it inherits the NaN, so only the first counts)."""
-    ok = jnp.all(jnp.isfinite(sq_len[:, :-1]), axis=0)
-    bad_back = ~jnp.all(jnp.isfinite(sq), axis=0)  # (L+1,): g_k = J^T g_{k-1}
-    if is_traced(sq) or not bool(jnp.all(ok)) or not bool(jnp.any(bad_back)):
+    ok = jnp.all(~jnp.isnan(log_len[:, :-1]) & (log_len[:, :-1] < jnp.inf), axis=0)
+    bad_back = ~jnp.all(~jnp.isnan(log_q) & (log_q < jnp.inf), axis=0)  # g_k = J^T g_{k-1}
+    if is_traced(log_q) or not bool(jnp.all(ok)) or not bool(jnp.any(bad_back)):
         return ok
     k = int(jnp.argmax(bad_back))  # g_{k-1} finite, g_k not: the layer making f_{k-1}
     return ok.at[k - 1].set(False)
@@ -311,11 +346,12 @@ def gsc_estimate(net: Model, params: Params, x, key: jax.Array, num_probes: int 
 
     num_probes = check_count(num_probes, "num_probes")
     xs = prepare(net, params, x)
-    sq, sq_se, sq_len = _gsc_probes(net, params, xs, key, num_probes)
+    log_q, rel, log_len = _gsc_probes(net, params, xs, key, num_probes)
     sizes = gsc_sizes(net, params, xs)
-    check_finite(_estimate_finite(sq, sq_len), net)
-    value = _gsc_from_norms(sq, sizes, sq_len)
-    rel = jnp.where(sq > 0, sq_se / jnp.where(sq > 0, sq, 1), 0.0)  # se(Q) / Q
+    check_finite(_estimate_finite(log_q, log_len), net)
+    check_lengths(log_len, net)
+    value = _gsc_from_logs(0.5 * log_q, sizes, log_len)
+    warn_zero_gsc(value, net)
     if num_probes < MIN_PROBES_FOR_ERROR:
         rel = jnp.full_like(rel, jnp.inf)
     rel = rel.at[:, 0].set(0.0)  # GSC(0, 0) = 1 exactly
@@ -482,8 +518,8 @@ def gsc_over_seeds(
         probe_key = jax.random.PRNGKey(0) if key is None else key
 
         def one(p):
-            sq, _, sq_len = _gsc_probes(net, p, xs, probe_key, num_probes)
-            return _gsc_from_norms(sq, sizes, sq_len)
+            log_q, _, log_len = _gsc_probes(net, p, xs, probe_key, num_probes)
+            return _gsc_from_logs(0.5 * log_q, sizes, log_len)
 
         g = map_over_devices(one, params, devices=devices)
     bad = ~jnp.all(jnp.isfinite(g), axis=(1, 2))

@@ -26,9 +26,19 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import gammaln
+from jax.scipy.special import gammaln, logsumexp
 
-from jacobian_lab.driver import check_finite, finite_layers, per_layer, prepare, trace
+from jacobian_lab.driver import (
+    check_finite,
+    check_values,
+    finite_layers,
+    log_norm,
+    norm,
+    per_layer,
+    prepare,
+    trace,
+)
+from jacobian_lab.initializers import normal
 from jacobian_lab.model import Model, Params
 from jacobian_lab.residual import require_blocks
 
@@ -78,32 +88,52 @@ def path_decomposition(
         transpose of the whole stack's Jacobian applied to ``v``), and
         ``per_path`` of shape ``(n+1,)``, the mean norm of one sampled path's gradient.
     """
-    n, d = branch_jacobians.shape[0], branch_jacobians.shape[-1]
+    d = branch_jacobians.shape[-1]
     if num_paths < 1:
         raise ValueError(f"num_paths must be >= 1, got {num_paths}")
     if v.shape != (d,):
         raise ValueError(f"v must have shape ({d},) to match the Jacobians, got {v.shape}")
+    G, log_c, per_path = _paths(branch_jacobians, v, key, num_paths)
+    return G * jnp.exp(log_c), per_path
+
+
+def _paths(branch_jacobians: jax.Array, v: jax.Array, key: jax.Array, num_paths: int):
+    """:func:`path_decomposition` with ``G`` returned as ``(G / c, log c)``: the sums are
+    rescaled by a common factor at every block and the sampled paths one by one, so that
+    no norm overflows or underflows where its value is representable."""
+    n, d = branch_jacobians.shape[0], branch_jacobians.shape[-1]
     G0 = jnp.zeros((n + 1, d), v.dtype).at[0].set(v)
 
-    def exact_step(G, J):
+    def exact_step(carry, J):
+        G, log_c = carry
         through = G @ J  # row k: (J^T G_k)^T
-        return G + jnp.concatenate([jnp.zeros_like(G[:1]), through[:-1]]), None
+        G = G + jnp.concatenate([jnp.zeros_like(G[:1]), through[:-1]])
+        c = jnp.max(norm(G))
+        return (G / jnp.where(c > 0, c, 1), log_c + jnp.log(c)), None
 
-    G, _ = jax.lax.scan(exact_step, G0, branch_jacobians)
+    (G, log_c), _ = jax.lax.scan(exact_step, (G0, jnp.zeros((), v.dtype)), branch_jacobians)
 
     # A path of length k takes the branch at the blocks whose random rank is below k.
     ranks = jax.vmap(lambda k: jax.random.permutation(k, n))(
         jax.random.split(key, num_paths)
     )  # (M, n)
     take = ranks[None, :, :] < jnp.arange(n + 1)[:, None, None]  # (n+1, M, n)
-    g0 = jnp.broadcast_to(v, (n + 1, num_paths, d))
+    n_v = norm(v)
+    g0 = jnp.broadcast_to(v / jnp.where(n_v > 0, n_v, 1), (n + 1, num_paths, d))
+    log0 = jnp.broadcast_to(jnp.log(n_v), (n + 1, num_paths))
 
-    def path_step(g, inp):
+    def path_step(carry, inp):  # every path kept at norm 1, its log scale aside
+        g, log_s = carry
         J, take_l = inp
-        return jnp.where(take_l[..., None], g @ J, g), None
+        g = jnp.where(take_l[..., None], g @ J, g)
+        r = norm(g)
+        return (g / jnp.where(r > 0, r, 1)[..., None], log_s + jnp.log(r)), None
 
-    g, _ = jax.lax.scan(path_step, g0, (branch_jacobians, jnp.moveaxis(take, -1, 0)))
-    return G, jnp.linalg.norm(g, axis=-1).mean(axis=1)
+    (_, log_s), _ = jax.lax.scan(
+        path_step, (g0, log0), (branch_jacobians, jnp.moveaxis(take, -1, 0))
+    )
+    per_path = jnp.exp(logsumexp(log_s, axis=1) - jnp.log(num_paths))
+    return G, log_c, per_path
 
 
 @partial(jax.jit, static_argnums=(0, 4))
@@ -120,11 +150,11 @@ def _path_gradients(model: Model, params: Params, xs, key: jax.Array, num_paths)
         )
     J_r = per_layer([r.branch_jac for r in blocks])  # (S, n, d, d), block nearest the output first
     out0 = records[-1].out[:, -1]
-    v = jax.random.normal(key, out0.shape, out0.dtype)
+    v = normal(key, out0.shape, out0.dtype)  # drawn in float32: the same in both precisions
     keys = jax.random.split(jax.random.fold_in(key, 1), J_r.shape[0])
-    G, per_path = jax.vmap(partial(path_decomposition, num_paths=num_paths))(J_r, v, keys)
-    exact = jnp.linalg.norm(G, axis=-1)
-    full = jnp.linalg.norm(G.sum(axis=1), axis=-1)
+    G, log_c, per_path = jax.vmap(partial(_paths, num_paths=num_paths))(J_r, v, keys)
+    exact = jnp.exp(log_norm(G) + log_c[:, None])
+    full = jnp.exp(log_norm(G.sum(axis=1)) + log_c)
     return PathGradients(exact, per_path, full), finite_layers(tr)
 
 
@@ -149,4 +179,7 @@ def path_gradients(
     require_blocks(net, pre=True)
     out, ok = _path_gradients(net, params, prepare(net, params, x), key, num_paths)
     check_finite(ok, net)
+    if not bool(jnp.all(jnp.isfinite(out.exact) & jnp.isfinite(out.per_path))):
+        check_values(out.exact, "the gradient summed over paths of one length")
+        check_values(out.per_path, "the gradient of one path")
     return out

@@ -37,6 +37,7 @@ from jacobian_lab.driver import (
     prepare,
     trace,
 )
+from jacobian_lab.initializers import normal
 from jacobian_lab.model import Block, Model, Params, unit_of
 
 
@@ -194,7 +195,7 @@ def _block_stats(model: Model, params: Params, xs, key):
     idx = block_layers(model, tr)
     jacs = [r.jac for r in tr.records]
     out0 = tr.records[-1].out[:, -1]
-    g0 = jax.random.normal(key, out0.shape, out0.dtype)
+    g0 = normal(key, out0.shape, out0.dtype)  # drawn in float32: the same in both precisions
     ratios = jax.vmap(backward_ratios)(jacs, g0)
     shapes = {r.jac.shape[2:] for r in tr.records}
     per = per_layer(jacs) if len(shapes) == 1 else None

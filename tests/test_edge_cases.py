@@ -195,3 +195,22 @@ def test_a_network_too_large_for_the_machine_is_refused_before_allocating(key):
     net = jl.mlp(10**8, 16, "relu")
     with pytest.raises(MemoryError, match=r"params of this Network .* GiB, more than"):
         net.init(key)
+
+
+def test_matrix_free_gsc_and_path_gradients_survive_large_activations(key):
+    """The probe pass rescales the backpropagated vector at every layer, and the path sums
+    are rescaled at every block: float32 gives the float64 numbers where those are
+    representable (one path's gradient reaches 1e26 here)."""
+    net32 = jl.mlp(50, 32, "relu", sigma_w=4.0)
+    x = _x(2, 32)
+    est = jl.gsc_estimate(net32, net32.init(key), x, key, 256)
+    dense = jl.gsc(net32, net32.init(key), x)
+    z = jnp.abs(est.value - dense)[:, 1:] / est.error[:, 1:]
+    assert bool(jnp.all(jnp.isfinite(est.value))) and float(jnp.max(z)) < 4.5
+    res32 = jl.resmlp(30, 32, "relu", sigma_w=4.0)
+    res64 = jl.resmlp(30, 32, "relu", sigma_w=4.0, dtype="float64")
+    a = jl.path_gradients(res32, res32.init(key), x, key)
+    b = jl.path_gradients(res64, res64.init(key), x.astype(jnp.float64), key)
+    assert float(jnp.max(b.exact)) > 1e25  # ||G_k||^2 would overflow float32
+    np.testing.assert_allclose(a.exact, b.exact, rtol=1e-3)
+    np.testing.assert_allclose(a.per_path, b.per_path, rtol=1e-3)
