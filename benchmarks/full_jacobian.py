@@ -8,7 +8,11 @@ The network is a plain tanh MLP (no normalization, so PyTorch computes exactly t
 function). Forward-mode accumulation of a d x d Jacobian through L dense layers costs
 2 L d^3 flops (one d x d x d matmul per layer); that count over the run time is the
 achieved rate, and the float32 matmul of the same size measured here is the physical
-limit. Run times are medians of 20 runs of compiled code; compile times are separate.
+limit. Ours is ``jax.jit(lambda p, x: jl.input_output_jacobian(net, p, x))``. Run times
+are medians of 20 runs of compiled code, the JAX contenders (ours, jacfwd, jacrev, the
+matmul) taking turns within each of the 20 rounds so that other load on the machine
+falls on all alike (torch runs after them, on its own); compile times (lower + compile)
+are separate.
 """
 
 from __future__ import annotations
@@ -16,33 +20,33 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jacobian_lab as jl
-from jacobian_lab.layered import _input_output_jacobian, samples
 
 
-def median_seconds(fn, *args, repeats=20):
-    jax.block_until_ready(fn(*args))
-    times = []
+def interleaved_medians(fns: dict, repeats: int = 20) -> dict:
+    """Median seconds of each zero-argument callable over ``repeats`` rounds, the callables
+    taking turns within each round (after one warm call each), so that load from other
+    work on the machine falls on all of them alike."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times: dict = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def matmul_peak(n: int) -> float:
-    """GFLOP/s of a float32 n x n matmul (jit, median of 20)."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    t = median_seconds(jax.jit(jnp.dot), a, a)
-    return 2 * n**3 / t / 1e9
-
-
-def torch_seconds(net, params, x) -> float | None:
+def torch_jacobian(net, params, x):
+    """``() -> torch.func.jacrev`` of the same network on the same weights (checked
+    against ours), or ``None`` without torch."""
     try:
         import torch
         from torch.func import jacrev
@@ -63,14 +67,9 @@ def torch_seconds(net, params, x) -> float | None:
 
     xt = torch.from_numpy(np.array(x[0]))
     J = jacrev(f)(xt)
-    ref = np.asarray(_input_output_jacobian(net, params, samples(net, x)))[0]
+    ref = np.asarray(jl.input_output_jacobian(net, params, x))[0]
     assert np.allclose(J.numpy(), ref, rtol=1e-3, atol=1e-4), "torch Jacobian differs"
-    times = []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        jacrev(f)(xt)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return lambda: jacrev(f)(xt)
 
 
 def main() -> None:
@@ -90,23 +89,33 @@ def main() -> None:
         net = jl.mlp(args.depth, d, "tanh")
         params = net.init(jax.random.PRNGKey(0))
         x = jax.random.normal(jax.random.PRNGKey(1), (1, d), jnp.float32)
-        xs = samples(net, x)
+        ours = jax.jit(lambda p, x, net=net: jl.input_output_jacobian(net, p, x))
         t0 = time.perf_counter()
-        ours_c = _input_output_jacobian.lower(net, params, xs).compile()
+        ours_c = ours.lower(params, x).compile()
         compile_s = time.perf_counter() - t0
-        t_ours = median_seconds(ours_c, params, xs)
         f = lambda v, p, net=net: net.apply(p, v[None])[0]  # noqa: E731
-        t_fwd = median_seconds(jax.jit(jax.jacfwd(f)), x[0], params)
-        t_rev = median_seconds(jax.jit(jax.jacrev(f)), x[0], params)
-        t_torch = torch_seconds(net, params, x)
+        fwd, rev, dot = jax.jit(jax.jacfwd(f)), jax.jit(jax.jacrev(f)), jax.jit(jnp.dot)
+        a = jax.random.normal(jax.random.PRNGKey(0), (d, d), jnp.float32)
+        fns = {
+            "ours": partial(ours_c, params, x),
+            "fwd": partial(fwd, x[0], params),
+            "rev": partial(rev, x[0], params),
+            "peak": partial(dot, a, a),  # the float32 d x d matmul
+        }
+        t = interleaved_medians(fns)
+        t_ours, t_fwd, t_rev = t["ours"], t["fwd"], t["rev"]
+        # torch on its own: its OpenMP threads keep spinning after a call and would slow
+        # whatever JAX call came next
+        torch_fn = torch_jacobian(net, params, x)
+        t_torch = None if torch_fn is None else interleaved_medians({"torch": torch_fn})["torch"]
         np.testing.assert_allclose(
-            np.asarray(ours_c(params, xs))[0],
+            np.asarray(ours_c(params, x))[0],
             np.asarray(jax.jacfwd(f)(x[0], params)),
             rtol=1e-4,
             atol=1e-6,
         )
         gflops = 2 * args.depth * d**3 / t_ours / 1e9
-        peak = matmul_peak(d)
+        peak = 2 * d**3 / t["peak"] / 1e9
         torch_s = f"{t_torch:10.4f}" if t_torch is not None else f"{'-':>10}"
         print(
             f"{d:>6}{t_ours:>10.4f}{t_fwd:>10.4f}{t_rev:>10.4f}{torch_s}"

@@ -6,12 +6,15 @@ Run by hand:  python benchmarks/matrix_free_vs_dense.py [--widths 64 256 1024 20
 
 MLP part (tanh, sigma_w = 1, depth 10, one input, float32):
 * GSC(L, 0) to the output, dense (``jl.gsc(method="dense")``) vs matrix-free
-  (``jl.gsc_estimate``: one backward pass per probe): run time of the compiled call,
+  (``jl.gsc_estimate``: one backward pass per probe): the first eager call (compile
+  included), the run time of the public function compiled under ``jax.jit`` (e.g.
+  ``jax.jit(lambda p, x, k: jl.gsc_estimate(net, p, x, k, P).value)``, median of 3),
   relative error of the matrix-free value against dense, its reported standard error,
-  and the peak temporary memory XLA reports for each compiled program;
+  and the peak temporary memory XLA reports for that compiled program;
 * the spectral density of the input-output Jacobian, dense SVD vs stochastic Lanczos
-  quadrature (16 probes x 32 Golub-Kahan steps): time, XLA's buffer size, and the
-  Kolmogorov-Smirnov distance between the two CDFs of the squared singular values.
+  quadrature (16 probes x 32 Golub-Kahan steps): time (first and second eager call of
+  ``jl.jacobian_spectrum``), XLA's buffer size, and the Kolmogorov-Smirnov distance
+  between the two CDFs of the squared singular values.
 
 Conv part: a residual CNN on 32 x 32 x 3 images with 16 channels (every hidden layer has
 16384 numbers); the 16384 x 16384 Jacobian from the stem's output to the network's
@@ -29,8 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import jacobian_lab as jl
-from jacobian_lab.gsc import _gsc_estimate, _gsc_to_output
-from jacobian_lab.layered import samples
 
 
 def timed(fn, repeats=3):
@@ -45,10 +46,30 @@ def timed(fn, repeats=3):
     return out, first, float(np.median(times))
 
 
-def temp_mib(jitted, *args, static=()) -> float:
-    compiled = jitted.lower(*args).compile()
+def temp_mib(jitted, *args) -> float:
+    return mib_of(jitted.lower(*args).compile())
+
+
+def mib_of(compiled) -> float:
+    """XLA's temporary plus output buffers of a compiled program, in MiB."""
     mem = compiled.memory_analysis()
     return (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20 if mem else float("nan")
+
+
+def first_and_compiled(eager, jitted, *args, repeats=3):
+    """The first eager call (compile included) of a public function, then the median of
+    ``repeats`` calls of the same function compiled under ``jax.jit`` and its MiB."""
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(eager())
+    first = time.perf_counter() - t0
+    compiled = jitted.lower(*args).compile()
+    jax.block_until_ready(compiled(*args))  # warm
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return out, first, float(np.median(times)), mib_of(compiled)
 
 
 def ks(spec_a, spec_b, top: float) -> float:
@@ -70,16 +91,24 @@ def mlp_width(d, probes, depth, key):
     net = jl.mlp(depth, d, "tanh")
     p = net.init(jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (1, d), jnp.float32)
-    xs = samples(net, x)
-    dense, first, run = timed(lambda: jl.gsc(net, p, x, method="dense"))
+    dense, first, run, mib = first_and_compiled(
+        lambda: jl.gsc(net, p, x, method="dense"),
+        jax.jit(lambda p, x: jl.gsc(net, p, x, method="dense")),
+        p,
+        x,
+    )
     ref = float(dense[0, -1])
-    mib = temp_mib(_gsc_to_output, net, p, xs)
     print(f"{d:>6}{'dense':>14}{run:>9.4f}{first:>9.3f}{0:>9.1e}{0:>8.1e}{mib:>9.1f}")
     for P in probes:
-        est, first, run = timed(lambda P=P: jl.gsc_estimate(net, p, x, key, P))
+        est, first, run, mib = first_and_compiled(
+            lambda P=P: jl.gsc_estimate(net, p, x, key, P),
+            jax.jit(lambda p, x, k, P=P: jl.gsc_estimate(net, p, x, k, P).value),
+            p,
+            x,
+            key,
+        )
         rel = abs(float(est.value[0, -1]) - ref) / ref
         se = float(est.error[0, -1]) / ref
-        mib = temp_mib(jax.jit(lambda p, xs, P=P: _gsc_estimate(net, p, xs, key, P)), p, xs)
         print(
             f"{d:>6}{f'probes {P}':>14}{run:>9.4f}{first:>9.3f}{rel:>9.1e}{se:>8.1e}{mib:>9.1f}",
             flush=True,
