@@ -1,6 +1,8 @@
 """Tests run with 64-bit JAX enabled so float64 cases are available; float32 cases pass
 ``dtype="float32"`` explicitly (the library's default)."""
 
+import gc
+
 import jax
 import pytest
 
@@ -10,3 +12,15 @@ jax.config.update("jax_enable_x64", True)
 @pytest.fixture
 def key():
     return jax.random.PRNGKey(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Drop JAX's compiled programs after each test module. One process compiling the whole
+    suite (~250 tests, thousands of programs) ended twice in a crash inside XLA's CPU
+    compiler near the end (a segfault, then an abort, in trivial programs that pass when
+    their module runs alone); the modules share no compiled programs, so this costs
+    nothing."""
+    yield
+    jax.clear_caches()
+    gc.collect()
