@@ -78,6 +78,13 @@ def main() -> None:
         default=600.0,
         help="stop a hand-written variant after this long and extrapolate",
     )
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("jit", "eager"),
+        default=["jit", "eager"],
+        help="which hand-written variants to run",
+    )
     args = ap.parse_args()
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind}; depth {args.depth}, "
@@ -100,7 +107,7 @@ def main() -> None:
     t_run = float(np.median(times))
     print(f"jacobian_lab gsc_matrix: {t_ours:.3f} s with compile ({t_run:.4f} s compiled)")
     n_pairs = (net.num_layers + 1) * (net.num_layers + 2) // 2
-    for variant in ("jit", "eager"):
+    for variant in args.variants:
         G, t, done = hand_written(net, params, x[0], variant == "jit", args.max_seconds)
         total = t * n_pairs / done
         tag = "" if done == n_pairs else f" (extrapolated from {done} of {n_pairs} pairs)"
