@@ -170,7 +170,7 @@ def test_batched_layer_jacobians_equal_one_input_at_a_time(key, arch):
     Jacobians for every batch element but the first at width 256 x batch 16 (jax 0.10.2,
     CPU), with errors of 1e-2 and more. Each sample must get the Jacobian it gets alone, in
     float32, up to summation-order rounding (1e-5 absolute; entries are of order 1)."""
-    net = jl.architecture(arch, 2, 256)
+    net = jl.architecture(arch, depth=2, width=256)
     shape = (4, 4, 256) if arch == "batch-relu" else (16, 256)
     x = jax.random.normal(key, shape, jnp.float32)
     params = net.init(key)
