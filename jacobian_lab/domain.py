@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab.driver import per_layer, prepare, trace
+from jacobian_lab.driver import check_lengths, log_lengths, per_layer, prepare, trace
 from jacobian_lab.model import Layer, Model, Params, stage_size, unit_of
 
 
@@ -76,11 +76,12 @@ def _domain_statistics(model: Model, params: Params, xs, batch: int) -> DomainSt
         x = x[0].reshape(batch, -1)
     else:
         acts, z = (jnp.swapaxes(a, 0, 1) for a in (acts, z))  # (L, B, size)
-    return DomainStats(
+    stats = DomainStats(
         jnp.concatenate([mean_pairwise_cosine(acts), mean_pairwise_cosine(x)[None]]),
         sign_diversity(z),
         jnp.mean(jnp.std(z, axis=-2), axis=-1),
     )
+    return stats, log_lengths(tr)
 
 
 def domain_statistics(net: Model, params: Params, x) -> DomainStats:
@@ -113,4 +114,6 @@ def domain_statistics(net: Model, params: Params, x) -> DomainStats:
     batch = int(jax.tree_util.tree_leaves(xs)[0].shape[1 if net.batch_coupled else 0])
     if batch < 2 or (net.batch_coupled and jax.tree_util.tree_leaves(xs)[0].shape[0] != 1):
         raise ValueError("domain_statistics needs one batch of at least 2 inputs")
-    return _domain_statistics(net, params, xs, batch)
+    stats, log_len = _domain_statistics(net, params, xs, batch)
+    check_lengths(log_len, net)  # a zero layer output makes its cosines 0/0
+    return stats

@@ -135,15 +135,12 @@ def _record_tap(jac: bool, blocks: bool, pre: bool) -> Tap:
         if unit.post is None:
             out = z
         else:
-            J_post, out, _ = value(lambda v: (unit.post(ravel_unravel(z)(v)), None), _flat(z))
+            z_flat, unravel_z = ravel_pytree(z)
+            J_post, out, _ = value(lambda v: (unit.post(unravel_z(v)), None), z_flat)
             J = None if J is None else J_post @ J
         return out, Record(_flat(out), J, None, flat, _flat(s), _flat(r), J_s, J_r)
 
     return tap
-
-
-def ravel_unravel(tree):
-    return ravel_pytree(tree)[1]
 
 
 @partial(jax.jit, static_argnums=0, static_argnames=("jac", "blocks", "pre"))

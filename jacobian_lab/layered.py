@@ -138,14 +138,11 @@ def accumulate(
         The emitted values stacked over layers, in forward order.
     """
 
-    def norm_of(P, axes):
-        return jnp.exp(log_norm(P, axis=axes)) if rescale else None
-
     def times(D, P, lg, batched):
         P = jnp.einsum("ij,kjl->kil", D, P) if batched else D @ P
         if not rescale:
             return P, lg
-        n = norm_of(P, (-2, -1))
+        n = jnp.exp(log_norm(P, axis=(-2, -1)))
         safe = jnp.where(n > 0, n, 1)
         return P / (safe[:, None, None] if batched else safe), lg + jnp.log(n)
 
@@ -156,9 +153,10 @@ def accumulate(
 
     d_x = jacs[0].shape[-1]
     eye_x = jnp.eye(d_x, dtype=jacs[0].dtype)
-    P_in = (eye_x, jnp.zeros((), jacs[0].dtype) + 0.5 * jnp.log(1.0 * d_x) if rescale else None)
-    if rescale:
-        P_in = (eye_x / jnp.sqrt(1.0 * d_x), P_in[1])
+    if rescale:  # the identity at unit Frobenius norm, its log norm aside
+        P_in = (eye_x / jnp.sqrt(1.0 * d_x), jnp.asarray(0.5 * jnp.log(1.0 * d_x), eye_x.dtype))
+    else:
+        P_in = (eye_x, None)
     below: list = []
     out_all = []
 
@@ -167,7 +165,7 @@ def accumulate(
         below = [times(D, P, lg, True) for P, lg in below]
         return P_in, below
 
-    def fresh(n, d, dtype, j=None):
+    def fresh(n, d, dtype):
         own = jnp.zeros((n, d, d), dtype)
         lg = jnp.full((n,), -jnp.inf, dtype) if rescale else None
         return own, lg

@@ -90,6 +90,9 @@ def test_a_zero_layer_output_is_an_error_naming_the_layer(key, make):
     net, x = make()
     with pytest.raises(FloatingPointError, match=r"is exactly zero for sample 0.*undefined"):
         jl.gsc(net, net.init(key), x)
+    if not net.batch_coupled:  # the pairwise cosines divide by the same lengths
+        with pytest.raises(FloatingPointError, match=r"is exactly zero for sample 0"):
+            jl.domain_statistics(net, net.init(key), x)
 
 
 def test_a_dead_relu_network_is_an_error_and_gsc00_is_always_one(key):
