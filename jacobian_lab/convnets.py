@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from jacobian_lab.initializers import normal, orthogonal
 from jacobian_lab.model import Params
-from jacobian_lab.networks import Network, renamed_count, validate
+from jacobian_lab.networks import Network, residual_fields, validate
 
 CONV_INITIALIZERS = ("gaussian", "he", "lecun", "orthogonal", "delta_orthogonal")
 
@@ -162,21 +162,8 @@ def convnet(
             ``"gaussian"``, ``"orthogonal"`` and ``"delta_orthogonal"``.
         Other arguments as in :func:`jacobian_lab.mlp`.
     """
-    return ConvNetwork(
-        depth=depth,
-        width=channels,
-        activation=activation,
-        in_dim=in_channels,
-        norm=norm,
-        order=order,
-        weight_init=weight_init,
-        sigma_w=sigma_w,
-        sigma_b=sigma_b,
-        dtype=dtype,
-        name=name,
-        image_size=image_size,
-        kernel_size=kernel_size,
-    )
+    fields = locals()  # every argument is the field of that name, but these two
+    return ConvNetwork(width=fields.pop("channels"), in_dim=fields.pop("in_channels"), **fields)
 
 
 def resconvnet(
@@ -204,26 +191,5 @@ def resconvnet(
     ``block_layers`` conv layers (default pre-activation order norm -> act -> conv, He et
     al. 2016). Arguments as in :func:`convnet` and :func:`jacobian_lab.resmlp` (``depth``
     is the deprecated alias of ``num_blocks``)."""
-    num_blocks = renamed_count(num_blocks, depth, "resconvnet")
-    if channels is None or activation is None:
-        raise TypeError("resconvnet() needs num_blocks, channels and activation")
-    if block_layers < 1:
-        raise ValueError(f"a residual network needs block_layers >= 1, got {block_layers}")
-    return ConvNetwork(
-        num_blocks=num_blocks,
-        width=channels,
-        activation=activation,
-        in_dim=in_channels,
-        norm=norm,
-        order=order,
-        weight_init=weight_init,
-        sigma_w=sigma_w,
-        sigma_b=sigma_b,
-        block_layers=block_layers,
-        residual_scale=residual_scale,
-        block_order=block_order,
-        dtype=dtype,
-        name=name,
-        image_size=image_size,
-        kernel_size=kernel_size,
-    )
+    fields = residual_fields("resconvnet", locals(), "channels")  # as in convnet
+    return ConvNetwork(width=fields.pop("channels"), in_dim=fields.pop("in_channels"), **fields)

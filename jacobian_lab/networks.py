@@ -359,8 +359,12 @@ def validate(net: Network, initializers: tuple[str, ...] = INITIALIZERS) -> None
         raise ValueError(f"dtype must be 'float32' or 'float64', got {net.dtype!r}")
 
 
-def renamed_count(num_blocks, depth, fn: str) -> int:
-    """``num_blocks``, or the deprecated ``depth=`` keyword with a ``DeprecationWarning``."""
+def residual_fields(fn: str, fields: dict, width: str) -> dict:
+    """The arguments ``fields`` of the residual constructor ``fn`` without the deprecated
+    alias ``depth`` of ``num_blocks`` (``DeprecationWarning`` when given), once
+    ``num_blocks``, ``width`` (the name of the width argument) and ``activation`` are given
+    (``TypeError``) and ``block_layers >= 1`` (``ValueError``)."""
+    depth, num_blocks = fields.pop("depth"), fields["num_blocks"]
     if depth is not None:
         warnings.warn(
             f"{fn}(depth=...) is deprecated: a residual network's number of blocks is "
@@ -370,10 +374,16 @@ def renamed_count(num_blocks, depth, fn: str) -> int:
         )
         if num_blocks is not None:
             raise ValueError(f"{fn}: give num_blocks only (depth is its deprecated alias)")
-        return depth
-    if num_blocks is None:
+        fields["num_blocks"] = depth
+    elif num_blocks is None:
         raise TypeError(f"{fn}() missing the number of blocks, num_blocks")
-    return num_blocks
+    if fields[width] is None or fields["activation"] is None:
+        raise TypeError(f"{fn}() needs num_blocks, {width} and activation")
+    if fields["block_layers"] < 1:
+        raise ValueError(
+            f"a residual network needs block_layers >= 1, got {fields['block_layers']}"
+        )
+    return fields
 
 
 def mlp(
@@ -404,19 +414,7 @@ def mlp(
         dtype: ``"float32"`` or ``"float64"`` (needs ``jax_enable_x64``).
         name: label used in tables and figures.
     """
-    return Network(
-        depth=depth,
-        width=width,
-        activation=activation,
-        in_dim=in_dim,
-        norm=norm,
-        order=order,
-        weight_init=weight_init,
-        sigma_w=sigma_w,
-        sigma_b=sigma_b,
-        dtype=dtype,
-        name=name,
-    )
+    return Network(**locals())  # every argument is the field of that name
 
 
 def resmlp(
@@ -451,24 +449,4 @@ def resmlp(
         depth: deprecated alias of ``num_blocks``.
         Other arguments as in :func:`mlp`.
     """
-    num_blocks = renamed_count(num_blocks, depth, "resmlp")
-    if width is None or activation is None:
-        raise TypeError("resmlp() needs num_blocks, width and activation")
-    if block_layers < 1:
-        raise ValueError(f"a residual network needs block_layers >= 1, got {block_layers}")
-    return Network(
-        num_blocks=num_blocks,
-        width=width,
-        activation=activation,
-        in_dim=in_dim,
-        norm=norm,
-        order=order,
-        weight_init=weight_init,
-        sigma_w=sigma_w,
-        sigma_b=sigma_b,
-        block_layers=block_layers,
-        residual_scale=residual_scale,
-        block_order=block_order,
-        dtype=dtype,
-        name=name,
-    )
+    return Network(**residual_fields("resmlp", locals(), "width"))  # fields of these names
