@@ -38,7 +38,7 @@ from jacobian_lab.driver import (
     trace,
 )
 from jacobian_lab.initializers import normal
-from jacobian_lab.model import Block, Model, Params, unit_of
+from jacobian_lab.model import Block, Model, Params, units_of
 
 
 class Pythagorean(NamedTuple):
@@ -76,7 +76,7 @@ class Pythagorean(NamedTuple):
 def require_blocks(model: Model, *, pre: bool = False) -> None:
     """Raise ``ValueError`` unless ``model`` has residual blocks (and, with ``pre``, none
     with a post-activation, whose Jacobian is not ``skip + branch``)."""
-    blocks = [unit_of(s) for s in model.stages if isinstance(unit_of(s), Block)]
+    blocks = [u for s in model.stages for u in units_of(s) if isinstance(u, Block)]
     if not blocks:
         raise ValueError(
             f"{getattr(model, 'name', '') or 'this model'} has no residual blocks: build one "
