@@ -101,3 +101,84 @@ def test_attention_rows_are_distributions_and_causal_masks_the_future(key):
     np.testing.assert_allclose(jnp.sum(A, -1), 1.0, rtol=1e-14)
     assert float(jnp.max(jnp.abs(jnp.triu(A, 1)))) == 0.0
     assert forward(m, m.init(key), _x(1)[0])[0].shape == (T, D)
+
+
+# -- token diagnostics ---------------------------------------------------------------
+
+
+def test_token_statistics_on_hand_computed_matrices():
+    """Identical tokens: residual 0 and cosine 1; orthonormal tokens: cosine 0 and
+    residual sqrt(1 - 1/T) (the mean e/T has norm^2 1/T per token, X has norm^2 1 per
+    token); a two-token case by hand. Exact up to float64 rounding."""
+    row = jnp.arange(1.0, D + 1)
+    same = jnp.tile(row, (T, 1))
+    assert float(jl.rank_collapse_residual(same)) == pytest.approx(0.0, abs=1e-15)
+    assert float(jl.token_cosine(same)) == pytest.approx(1.0, rel=1e-14)
+    eye = jnp.eye(T, D)
+    assert float(jl.token_cosine(eye)) == pytest.approx(0.0, abs=1e-15)
+    assert float(jl.rank_collapse_residual(eye)) == pytest.approx(np.sqrt(1 - 1 / T), rel=1e-14)
+    two = jnp.array([[1.0, 0.0], [1.0, 1.0]])  # mean (1, 0.5): residual rows (0, -+0.5)
+    assert float(jl.rank_collapse_residual(two)) == pytest.approx(np.sqrt(0.5 / 3), rel=1e-14)
+    assert float(jl.token_cosine(two)) == pytest.approx(1 / np.sqrt(2), rel=1e-14)
+
+
+def test_token_statistics_of_a_model_read_the_recorded_layers(key):
+    """token_statistics equals the matrix functions applied to forward()'s layer outputs,
+    for the built-in transformer and for the same blocks brought as a chain; the input
+    column is the input's statistics."""
+    m = jl.transformer(2, D, H, T, norm="post", dtype="float64")
+    p = m.init(key)
+    x = _x()
+    st = jl.token_statistics(m, p, x)
+    assert st.residual.shape == st.cosine.shape == (2, m.num_layers + 1)
+    outs = jax.vmap(lambda v: jnp.concatenate(forward(m, p, v)[1])[::-1])(x)  # (S, L, T, D)
+    np.testing.assert_allclose(st.residual[:, :-1], jl.rank_collapse_residual(outs), rtol=1e-12)
+    np.testing.assert_allclose(st.cosine[:, :-1], jl.token_cosine(outs), rtol=1e-12)
+    np.testing.assert_allclose(st.cosine[:, -1], jl.token_cosine(x), rtol=1e-12)
+    one = lambda i, s: jax.tree_util.tree_map(lambda a: a[i], p["blocks"][s])  # noqa: E731
+    layers = [
+        (
+            lambda q, h, s=s: m.token_norm(h + (m.attention if s == "attn" else m.mlp)(q, h)),
+            one(i, s),
+        )
+        for i in range(2)
+        for s in ("attn", "mlp")
+    ]
+    ch, cp = jl.chain(layers)
+    st2 = jl.token_statistics(ch, cp, x)
+    np.testing.assert_allclose(st2.residual, st.residual, rtol=1e-12)
+    np.testing.assert_allclose(st2.cosine, st.cosine, rtol=1e-12)
+
+
+def test_token_statistics_refuse_zero_tokens_and_odd_sizes(key):
+    m = jl.transformer(1, D, H, T, norm="none", skips=False, mlp_ratio=0, dtype="float64")
+    p = jax.tree_util.tree_map(jnp.zeros_like, m.init(key))
+    with pytest.raises(FloatingPointError, match="exactly zero"):
+        jl.token_statistics(m, p, _x())
+    ch, cp = jl.chain([lambda h: h.reshape(-1)[:7]])
+    with pytest.raises(ValueError, match="multiple of seq_len"):
+        jl.token_statistics(ch, cp, _x())
+
+
+def test_attention_entropy_uniform_and_one_hot(key):
+    """Zero query/key weights give uniform attention: entropy log T exactly (causal: the
+    mean of log t over queries t = 1..T); huge logits towards one key give entropy ~0."""
+    m = jl.transformer(2, D, H, T, mlp_ratio=0, dtype="float64")
+    p = m.init(key)
+    zero_qk = jax.tree_util.tree_map(lambda a: a, p)
+    for n in "qk":
+        zero_qk["blocks"]["attn"][n] = jax.tree_util.tree_map(
+            jnp.zeros_like, p["blocks"]["attn"][n]
+        )
+    e = jl.attention_entropy(m, zero_qk, _x())
+    assert e.shape == (2, 2, H)
+    np.testing.assert_allclose(e, np.log(T), rtol=1e-13)
+    mc = jl.transformer(2, D, H, T, mlp_ratio=0, causal=True, dtype="float64")
+    np.testing.assert_allclose(
+        jl.attention_entropy(mc, zero_qk, _x()), np.mean(np.log(np.arange(1, T + 1))), rtol=1e-13
+    )
+    A = jl.attention_weights(m, p, _x())
+    assert A.shape == (2, 2, H, T, T)
+    h = _x()[0]
+    ref = m.attention_weights(jax.tree_util.tree_map(lambda a: a[0], p["blocks"]["attn"]), h)
+    np.testing.assert_allclose(A[0, 0], ref, rtol=1e-13)
