@@ -381,7 +381,8 @@ def _gsc_matrix(model: Model, params: Params, xs):
     g = jnp.exp(log_fro - 0.5 * log_d + log_len[:, None, :] - log_len[:, :, None])
     k_idx = jnp.arange(L + 1)
     g = jnp.where(k_idx[None, :] >= k_idx[:, None], g, jnp.nan)
-    return jnp.swapaxes(g, 1, 2), finite_layers(tr), log_len
+    in_range = jnp.all(jnp.isfinite(log_fro) | (log_fro == -jnp.inf))  # -inf: a zero product
+    return jnp.swapaxes(g, 1, 2), finite_layers(tr), log_len, in_range
 
 
 def gsc_matrix(net: Model, params: Params, x) -> jax.Array:
@@ -399,9 +400,15 @@ def gsc_matrix(net: Model, params: Params, x) -> jax.Array:
 
     Cost: ``O(L^2 d^3)`` per sample and ``O(L d^2)`` memory (only norms are kept).
     """
-    g, ok, log_len = _gsc_matrix(net, params, prepare(net, params, x))
+    g, ok, log_len, in_range = _gsc_matrix(net, params, prepare(net, params, x))
     check_finite(ok, net)
     check_lengths(log_len, net)
+    if not is_traced(in_range) and not bool(in_range):
+        raise FloatingPointError(
+            "gsc_matrix: a product of layer Jacobians left the float range within one layer "
+            "(a single layer's Jacobian norm beyond about 1e19 in float32); use "
+            "dtype='float64'"
+        )
     warn_zero_gsc(g[:, :, 0], net)
     return g
 

@@ -33,6 +33,15 @@ def test_large_activations_give_the_float64_gsc_in_float32(key):
     np.testing.assert_allclose(G[:, :, 0], g64, rtol=2e-3)
 
 
+def test_a_single_layer_jacobian_beyond_float32_range_raises_in_gsc_matrix():
+    """One layer scaling by 1e20 keeps its output finite in float32 (~1e20) but the squared
+    norm of its Jacobian product, ~1e40, is not a float32 number: an error, not NaN."""
+    W = 1e20 * jnp.eye(4, dtype=jnp.float32)
+    ch, params = jl.chain([(lambda W, h: W @ h, W), (lambda W, h: W @ h, W / 1e20)])
+    with pytest.raises(FloatingPointError, match="float64"):
+        jl.gsc_matrix(ch, params, _x(2, 4))
+
+
 @pytest.mark.parametrize("scale", [1e-20, 1e20])
 def test_a_relu_gsc_does_not_depend_on_the_input_scale(key, scale):
     """ReLU networks without biases are positively homogeneous: GSC is scale free."""

@@ -63,7 +63,7 @@ def test_interrupted_run_keeps_finished_units_and_resumes(tmp_path):
     assert [r["square"] for r in payload["data"]["table"]] == [0, 1, 4, 9]
     assert payload["data"]["nan"] is None  # valid JSON: non-finite numbers become null
     assert payload["verdicts"] == [
-        {"claim": "non-negative", "holds": True, "measured": "4 squares"}
+        {"claim": "non-negative", "holds": True, "measured": "4 squares", "claims": []}
     ]
     assert [p.suffix for p in result.figures] == [".pdf", ".png"]
     pages = write_report(tmp_path, [result])
@@ -103,3 +103,30 @@ def test_script_entry_point_runs_an_analysis(tmp_path, capsys):
     assert "Most of the gradient comes from short paths" in out
     assert (tmp_path / "path_lengths" / "path_lengths.svg").exists()
     assert not (tmp_path / "path_lengths" / "path_lengths.png").exists()
+
+
+def test_claims_table_pairs_every_claim_with_its_verdicts_and_opens_the_report(tmp_path):
+    """A verdict tagged ``id`` supports the claim when it holds, one tagged ``-id`` when it
+    does not; a claim with supporting and opposing verdicts is mixed; one without is not
+    measured; an unknown id is an error. The report starts with the table, all 15 rows."""
+    from jacobian_lab.experiments.claims import CLAIMS, claims_table
+    from jacobian_lab.experiments.report import AnalysisResult
+
+    verdicts = [
+        Verdict("a", True, "x = 1", claims=("D1.1", "-D1.2")),
+        Verdict("b", False, "y = 2", claims=("P1",)),
+        Verdict("c", True, "z = 3", claims=("P1",)),
+    ]
+    result = AnalysisResult("toy", "Toy", "claim", "", {}, [], [], verdicts, 0.0)
+    rows = {r.id: r for r in claims_table([result])}
+    assert len(rows) == len(CLAIMS) == 15
+    assert rows["D1.1"].status == "holds" and rows["D1.1"].evidence == "a: x = 1"
+    assert rows["D1.2"].status == "does not hold"
+    assert rows["P1"].status == "mixed (1 of 2 verdicts support it)"
+    assert rows["P5"].status == "not measured" and rows["P5"].analyses == ()
+    bad = result._replace(verdicts=[Verdict("d", True, "", claims=("D9",))])
+    with pytest.raises(ValueError, match="unknown claim id 'D9'"):
+        claims_table([bad])
+    md = write_report(tmp_path, [result])[0].read_text()
+    assert md.index("## Claims") < md.index("## Toy")
+    assert sum(line.startswith(("| D", "| P")) for line in md.splitlines()) == 15

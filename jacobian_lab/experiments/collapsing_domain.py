@@ -160,6 +160,7 @@ def verdicts(data: dict) -> list[Verdict]:
             f"{', '.join(intact_calm) or 'none'} (looks-linear ReLU is a linear map at "
             f"initialization); {sum(not collapsed(r) for r in exploding)} of {len(exploding)} "
             f"exploding families keep their domain; Spearman(log GSC, output cosine) = {rho:.2f}",
+            claims=("P3",),
         )
     ]
 

@@ -179,6 +179,7 @@ def verdicts(data: dict) -> list[Verdict]:
                 2 * len(exploding) >= len(plain),
                 f"{len(exploding)} of {len(plain)} families grow faster than "
                 f"{EXPLODING_RATE}/layer at depth {data['profile_depth']} (r: {rates or 'none'})",
+                claims=("P1",),
             )
         )
     pairs = [(a, f"resnet-{a}") for a in exploding if f"resnet-{a}" in rows]
@@ -194,6 +195,7 @@ def verdicts(data: dict) -> list[Verdict]:
                 f"the ResNet version is lower for {lower} of {len(pairs)} exploding families; "
                 f"median ratio plain/ResNet of GSC(L, 0) = {np.median(ratios):.3g} "
                 f"(range {min(ratios):.3g} to {max(ratios):.3g})",
+                claims=("P4", "D1.5", "-D1.2"),
             )
         )
     return out

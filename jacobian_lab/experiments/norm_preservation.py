@@ -148,6 +148,7 @@ def verdicts(data: dict) -> list[Verdict]:
                 slope < -0.2,
                 f"RMS(sigma - 1) of the block Jacobians {dev[0]:.3f} at {n[0]:.0f} blocks, "
                 f"{dev[-1]:.3f} at {n[-1]:.0f}; log-log slope {slope:.2f}",
+                claims=("D2.3",),
             )
         )
     for plain in plains:

@@ -166,6 +166,7 @@ def verdicts(data: dict) -> list[Verdict]:
             f"vs {r['mean_path_length']:.1f} for all paths; one path's gradient shrinks "
             f"{r['per_path_decay_per_block']:.3f}x per branch taken (Veit et al.: 5 to 17 of "
             f"54 blocks)",
+            claims=("D2.2",),
         )
         for r in data["table"]
     ]

@@ -269,6 +269,7 @@ def verdicts(data: dict) -> list[Verdict]:
                     f"alone; prediction sqrt((1 + GSC_r^2 rho^2) / (1 + rho^2)) within "
                     f"{100 * worst:.1f}% (median over blocks, worst of "
                     f"{[p['blocks'] for p in deep]} blocks)",
+                    claims=("P4",),
                 )
             )
     return out

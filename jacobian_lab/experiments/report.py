@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from jacobian_lab.experiments.claims import claims_table
 from jacobian_lab.experiments.plotting import FIGURE_FORMATS
 from jacobian_lab.experiments.runner import (
     SweepStopped,
@@ -42,11 +43,16 @@ OVERRIDABLE = ("depths", "widths", "seeds", "batch", "dtype")
 
 
 class Verdict(NamedTuple):
-    """One claim, whether the measurement supports it, and the numbers that decide it."""
+    """One claim, whether the measurement supports it, and the numbers that decide it.
+
+    ``claims``: the ids of the source claims this verdict decides (``D1.1`` ... ``P5``, see
+    :data:`jacobian_lab.experiments.claims.CLAIMS`); the report's claims table is built
+    from them."""
 
     claim: str
     holds: bool
     measured: str
+    claims: tuple[str, ...] = ()
 
     @property
     def line(self) -> str:
@@ -216,6 +222,10 @@ def run_analysis(
     )
 
 
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def write_report(out: str | Path, results: Sequence[AnalysisResult]) -> list[Path]:
     """Write ``report.md`` and ``report.html`` in ``out``: per analysis its claim, verdicts,
     figures (PNG), data files and config. Returns both paths (written by JAX process 0
@@ -235,8 +245,28 @@ def write_report(out: str | Path, results: Sequence[AnalysisResult]) -> list[Pat
         "",
         f"{stamp}; {env_line}. {held} of {total} verdicts hold.",
         "",
+        "## Claims",
+        "",
+        "| id | claim | measured by | verdict | key number |",
+        "|---|---|---|---|---|",
     ]
-    body = []
+    rows = claims_table(results)
+    md += [
+        f"| {c.id} | {_md_cell(c.text)} ({c.source}) | {', '.join(c.analyses) or '-'} | "
+        f"{c.status} | {_md_cell(c.evidence)} |"
+        for c in rows
+    ]
+    md += [""]
+    table = "".join(
+        f"<tr><td>{c.id}</td><td>{html.escape(c.text)} ({html.escape(c.source)})</td>"
+        f"<td>{html.escape(', '.join(c.analyses) or '-')}</td><td>{html.escape(c.status)}</td>"
+        f"<td>{html.escape(c.evidence)}</td></tr>"
+        for c in rows
+    )
+    body = [
+        "<section><h2>Claims</h2><table><tr><th>id</th><th>claim</th><th>measured by</th>"
+        f"<th>verdict</th><th>key number</th></tr>{table}</table></section>"
+    ]
     for r in results:
         md += [f"## {r.title}", "", f"**Claim.** {r.claim}", ""]
         md += [f"*Notes.* {r.notes}", ""] if r.notes else []
@@ -275,7 +305,9 @@ def write_report(out: str | Path, results: Sequence[AnalysisResult]) -> list[Pat
         "<!doctype html><html><head><meta charset='utf-8'><title>jacobian_lab report</title>"
         "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}"
         "img{max-width:100%;display:block;margin:1em 0}li.ok{color:#006d4f}"
-        "li.no{color:#a63d00}section{border-top:1px solid #ccc;margin-top:2em}</style>"
+        "li.no{color:#a63d00}section{border-top:1px solid #ccc;margin-top:2em}"
+        "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;"
+        "padding:0.2em 0.4em;vertical-align:top}</style>"
         f"</head><body><h1>jacobian_lab report</h1><p>{html.escape(stamp)}; "
         f"{html.escape(env_line)}. {held} of {total} verdicts hold.</p>"
         + "".join(body)
