@@ -6,6 +6,7 @@ For layered networks (all layer-to-layer Jacobians from one pass) see
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -59,5 +60,5 @@ def jacobian(fn: Callable[[Any], Any], x: Any, *, mode: Mode = "auto") -> jax.Ar
 
 
 def flat_size(tree: Any) -> int:
-    """Number of scalars in a pytree of arrays (the side of its Jacobian)."""
-    return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(tree))
+    """Number of scalars in a pytree of arrays or shapes (the side of its Jacobian)."""
+    return sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree_util.tree_leaves(tree))

@@ -167,10 +167,14 @@ def mean_estimate(samples: jax.Array, axis: int = 0, *, log_scale: bool = True) 
     return Estimate(mean, error, probe_dof(rel, num), jnp.full(mean.shape, True))
 
 
-def check_count(value: Any, name: str, minimum: int = 1, maximum: int | None = None) -> int:
+def check_count(
+    value: Any, name: str, minimum: int = 1, maximum: int | None = None, *, accepted: str = ""
+) -> int:
     """``value`` as an ``int``, or a ``TypeError`` (not an integer; ``bool`` is refused) or
-    ``ValueError`` (below ``minimum`` or above ``maximum``) naming the argument."""
-    accepted = f"an int >= {minimum}" + ("" if maximum is None else f" and <= {maximum}")
+    ``ValueError`` (below ``minimum`` or above ``maximum``) naming the argument and what it
+    accepts (``accepted``, default ``"an int >= minimum [and <= maximum]"``)."""
+    if not accepted:
+        accepted = f"an int >= {minimum}" + ("" if maximum is None else f" and <= {maximum}")
     if isinstance(value, bool):
         raise TypeError(f"{name} must be {accepted}, got the bool {value!r}")
     try:
@@ -182,27 +186,6 @@ def check_count(value: Any, name: str, minimum: int = 1, maximum: int | None = N
     if count < minimum or (maximum is not None and count > maximum):
         raise ValueError(f"{name} must be {accepted}, got {count}")
     return count
-
-
-def check_memory_budget(memory_budget: Any) -> int | None:
-    """``memory_budget`` as bytes (an ``int >= 0``; 0 forces matrix-free) or ``None`` (the
-    default budget), or an error naming it."""
-    if memory_budget is None:
-        return None
-    if isinstance(memory_budget, bool):
-        raise TypeError(
-            f"memory_budget must be None or an int number of bytes >= 0, got {memory_budget!r}"
-        )
-    try:
-        budget = operator.index(memory_budget)
-    except TypeError:
-        raise TypeError(
-            "memory_budget must be None or an int number of bytes >= 0 (e.g. 2**30), got "
-            f"{memory_budget!r} ({type(memory_budget).__name__})"
-        ) from None
-    if budget < 0:
-        raise ValueError(f"memory_budget must be None or an int number of bytes >= 0, got {budget}")
-    return budget
 
 
 class Operator(NamedTuple):
@@ -257,13 +240,13 @@ def dense_bytes(shape: tuple[int, int], dtype: Any, copies: int = 3) -> int:
 def choose_method(method: str, nbytes: int, memory_budget: int | None) -> str:
     """``"dense"`` or ``"matrix_free"``: ``method`` unless it is ``"auto"``, then dense
     when ``nbytes`` fits ``memory_budget`` (bytes, an ``int >= 0`` or ``None`` for
-    :data:`DEFAULT_MEMORY_BUDGET`; checked whatever the method)."""
+    :data:`DEFAULT_MEMORY_BUDGET`; checked whatever the method; 0 forces matrix-free)."""
     if method not in ("auto", "dense", "matrix_free"):
         raise ValueError(f"method must be 'auto', 'dense' or 'matrix_free', got {method!r}")
-    memory_budget = check_memory_budget(memory_budget)
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    budget = check_count(budget, "memory_budget", 0, accepted="None or an int number of bytes >= 0")
     if method != "auto":
         return method
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
     return "dense" if nbytes <= budget else "matrix_free"
 
 

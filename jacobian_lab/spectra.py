@@ -5,7 +5,6 @@ All functions take batches: any leading axes (inputs, seeds, layers) are kept.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -13,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jacobian_lab.checks import is_traced
-from jacobian_lab.jacobians import jacobian
+from jacobian_lab.jacobians import flat_size, jacobian
 from jacobian_lab.layered import input_to_layer_jacobians
 from jacobian_lab.matrix_free import (
     Estimate,
@@ -105,13 +104,19 @@ def spectral_density(
         bandwidth) to 1 within ``1e-6`` by the trapezoid rule on a ``grid`` that covers
         the values by 5 kernel widths.
     """
-    values = jnp.ravel(s**2 if squared else s)
+    return _kernel_density(jnp.ravel(s**2 if squared else s), None, grid, bandwidth)
+
+
+def _kernel_density(values, weights, grid, bandwidth):
+    """Gaussian kernel density at ``grid`` ``(g,)`` of ``values`` with ``weights`` summing
+    to 1 (``None``: equal weights), kernel widths from :func:`_kernel_widths`."""
     grid = jnp.asarray(grid)
     if grid.ndim != 1:
         raise ValueError(f"grid must be one-dimensional (g,), got shape {grid.shape}")
-    h = _kernel_widths(values, jnp.full(values.shape, 1.0 / values.shape[0]), grid, bandwidth)
-    z = (grid[:, None] - values[None, :]) / h
-    return jnp.mean(jnp.exp(-0.5 * z**2) / (h * jnp.sqrt(2 * jnp.pi)), axis=1)
+    w = jnp.full(values.shape, 1.0 / values.shape[0]) if weights is None else weights
+    h = _kernel_widths(values, w, grid, bandwidth)
+    k = jnp.exp(-0.5 * ((grid[:, None] - values[None]) / h) ** 2) / (h * jnp.sqrt(2 * jnp.pi))
+    return jnp.mean(k, axis=1) if weights is None else jnp.sum(k * weights[None], axis=1)
 
 
 def _kernel_widths(values, weights, grid, bandwidth):
@@ -151,9 +156,8 @@ def prefix_singular_values(net, params, x: jax.Array, depths) -> jax.Array:
     (the prefix network of depth ``D``), for each ``D`` in ``depths``, from one pass.
 
     Args:
-        net, params: any model whose layers after the first keep one size, and its
-            parameters (prefixes of ``net.num_layers`` layers at most).
-        x: inputs ``(B, in_dim)`` (batch norm: one batch, or ``(S, B, in_dim)``).
+        net, params, x: any model whose layers after the first keep one size, its params
+            and inputs (:func:`~jacobian_lab.driver.prepare`).
         depths: prefix depths, each in ``1 .. net.num_layers``.
 
     Returns:
@@ -228,15 +232,8 @@ class Spectrum(NamedTuple):
         ``(g,)``: each node a kernel of its weight. ``bandwidth`` as in
         :func:`spectral_density` (default: Silverman's rule on the measure, floored at the
         grid step), so it integrates to 1 on a grid covering the nodes."""
-        grid = jnp.asarray(grid)
-        if grid.ndim != 1:
-            raise ValueError(f"grid must be one-dimensional (g,), got shape {grid.shape}")
         w = jnp.ravel(self.weights) / self.nodes.shape[0]
-        nodes = jnp.ravel(self.nodes)
-        h = _kernel_widths(nodes, w, grid, bandwidth)
-        z = (grid[:, None] - nodes[None]) / h
-        k = jnp.exp(-0.5 * z**2) / (h * jnp.sqrt(2 * jnp.pi))
-        return jnp.sum(k * w[None], axis=1)
+        return _kernel_density(jnp.ravel(self.nodes), w, grid, bandwidth)
 
 
 def jacobian_spectrum(
@@ -270,11 +267,11 @@ def jacobian_spectrum(
     """
     num_probes = check_count(num_probes, "num_probes")
     num_matvecs = check_count(num_matvecs, "num_matvecs")
-    shape_in = sum(math.prod(jnp.shape(v)) for v in jax.tree_util.tree_leaves(x))
-    out = jax.eval_shape(fn, x)
-    shape_out = sum(math.prod(v.shape) for v in jax.tree_util.tree_leaves(out))
+    n = flat_size(x)
     dtype = jax.tree_util.tree_leaves(x)[0].dtype
-    chosen = choose_method(method, dense_bytes((shape_out, shape_in), dtype), memory_budget)
+    chosen = choose_method(
+        method, dense_bytes((flat_size(jax.eval_shape(fn, x)), n), dtype), memory_budget
+    )
     key = jax.random.PRNGKey(0) if key is None else key
     if chosen == "dense":
         J = jacobian(fn, x)
@@ -292,7 +289,6 @@ def jacobian_spectrum(
         )
     k_slq, k_ext = jax.random.split(key)
     slq = slq_spectrum(fn, x, k_slq, num_probes, num_matvecs)
-    n = shape_in
     per_probe = n * jnp.sum(slq.weights * slq.nodes, axis=1)  # = ||J v_p||^2, ||v_p||^2 = n
     frob = mean_estimate(per_probe)
     ext = extreme_singular_values(fn, x, k_ext, num_matvecs)
