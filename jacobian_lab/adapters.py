@@ -7,14 +7,9 @@ params (its class, static fields and param shapes): two consecutive layers with 
 idents compute the same function of their params, so :func:`~jacobian_lab.chain` can
 stack them into one repeated stage.
 
-**Batch statistics.** :func:`batch_coupling` finds batch normalization that normalizes
-with the statistics of the batch it is given (Flax linen ``BatchNorm`` with
-``use_running_average=False``, Flax NNX ``BatchNorm`` in training mode, Equinox
-``BatchNorm`` with ``inference=False``). A model with one is a function of the whole
-batch; :func:`as_layer` with ``Mode(batch=True)`` then builds every layer to take the whole
-batch ``(B, ...)``: Flax modules take it natively (their updated running statistics are
-computed and thrown away; the module is never changed), Equinox modules, which work on one
-example, are vmapped over it with the BatchNorm's ``axis_name``.
+**Batch statistics** (see :mod:`jacobian_lab.chain`): :func:`batch_coupling` finds a
+batch normalization with the statistics of the batch it is given; :func:`as_layer` with
+``Mode(batch=True)`` then builds every layer to take the whole batch ``(B, ...)``.
 """
 
 from __future__ import annotations
@@ -94,9 +89,7 @@ def _array_shapes(tree) -> tuple:
 
 def same_ident(a: Ident | None, b: Ident | None) -> bool:
     """Whether two idents describe the same function (arrays compared by value)."""
-    if a is None or b is None:
-        return False
-    return _equal(a, b)
+    return a is not None and b is not None and _equal(a, b)
 
 
 def _equal(a, b) -> bool:

@@ -30,13 +30,9 @@ INITIALIZERS = ("gaussian", "he", "lecun", "glorot", "orthogonal", "looks_linear
 
 def effective_sigma_w(init: str, sigma_w: float, fan_in: int, fan_out: int) -> float:
     """The sigma_w (in the N(0, sigma_w^2 / fan_in) convention) that ``init`` uses."""
-    if init == "he":
-        return 2.0**0.5
-    if init == "lecun":
-        return 1.0
     if init == "glorot":
         return (2.0 * fan_in / (fan_in + fan_out)) ** 0.5
-    return float(sigma_w)
+    return {"he": 2.0**0.5, "lecun": 1.0}.get(init, float(sigma_w))
 
 
 def normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
