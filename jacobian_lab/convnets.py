@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab.initializers import normal, orthogonal
+from jacobian_lab.initializers import effective_sigma_w, normal, orthogonal
 from jacobian_lab.model import Params
 from jacobian_lab.networks import Network, residual_fields, validate
 
@@ -51,7 +51,9 @@ class ConvNetwork(Network):
     kernel_size: int = 3
 
     def __post_init__(self) -> None:
-        _validate_conv(self)
+        validate(self, CONV_INITIALIZERS, ("image_size", "kernel_size"))
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (a centred tap), got {self.kernel_size}")
 
     @property
     def channels(self) -> int:
@@ -120,21 +122,12 @@ def conv_kernel(
     if init == "orthogonal":
         M = orthogonal(key, (c_out, fan_in), sigma_w, dtype)
         return M.T.reshape(k, k, c_in, c_out)
-    scale = {"he": 2.0**0.5, "lecun": 1.0}.get(init, sigma_w)
+    scale = effective_sigma_w(init, sigma_w, fan_in, c_out)
     if init not in CONV_INITIALIZERS:
         raise ValueError(
             f"unknown conv init {init!r}; expected one of: {', '.join(CONV_INITIALIZERS)}"
         )
     return scale / fan_in**0.5 * normal(key, (k, k, c_in, c_out), dtype)
-
-
-def _validate_conv(net: ConvNetwork) -> None:
-    validate(net, CONV_INITIALIZERS)
-    for name, value in (("image_size", net.image_size), ("kernel_size", net.kernel_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if net.kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd (a centred tap), got {net.kernel_size}")
 
 
 def convnet(

@@ -24,10 +24,8 @@ Normalization has no learnable affine part (at initialization it is the identity
     taken with respect to the whole batch (``(B*width) x (B*width)``): one sample is a
     batch. ``net.batch_coupled`` says which case holds.
 
-Layer outputs use the GSC paper's indexing (Philipp, Song & Carbonell, arXiv 1712.05577),
-which counts from the output towards the input: ``f_0`` is the network output, ``f_1`` the
-layer below it, ..., ``f_{L-1}`` the stem's output and ``f_L = x`` the input, with
-``L = net.num_layers``. The paper reserves ``f_0`` for the error (loss) layer; jacobian_lab
+Layer outputs use the GSC paper's indexing (:mod:`jacobian_lab.model`): ``f_{L-1}`` is
+the stem's output. The paper reserves ``f_0`` for the error (loss) layer; jacobian_lab
 measures networks without a loss, so its ``f_0`` is the prediction layer.
 """
 
@@ -325,11 +323,13 @@ def normalize(h: jax.Array, axes: tuple[int, ...], eps: float) -> jax.Array:
     return centred / jnp.sqrt(var + eps)
 
 
-def validate(net: Network, initializers: tuple[str, ...] = INITIALIZERS) -> None:
-    """Raise ``ValueError`` naming the first field of ``net`` that is out of range."""
+def validate(net: Network, initializers: tuple[str, ...] = INITIALIZERS, positive=()) -> None:
+    """Raise ``ValueError`` naming the first field of ``net`` that is out of range
+    (``positive``: names of further fields that must be positive integers)."""
     get_activation(net.activation)
     count = ("num_blocks", net.num_blocks) if net.block_layers else ("depth", net.depth)
-    for name, value in (count, ("width", net.width), ("in_dim", net.input_dim)):
+    more = ((name, getattr(net, name)) for name in positive)
+    for name, value in (count, ("width", net.width), ("in_dim", net.input_dim), *more):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if net.block_layers and net.depth or not net.block_layers and net.num_blocks:
