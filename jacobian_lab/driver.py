@@ -1,8 +1,7 @@
 """The forward driver: what every dense diagnostic reads, from one pass.
 
-:func:`jacobian_lab.model.walk` runs the stages of any model on one sample (a Python loop
-over the few stages, ``lax.scan`` inside a repeated one, so the traced program does not
-grow with depth) and hands every layer to a *tap*. Here the taps:
+:func:`jacobian_lab.model.walk` runs any model on one sample (``lax.scan`` inside a
+repeated stage) and hands every layer to a *tap*:
 
 * :func:`trace` records what the dense diagnostics read, per sample and per layer: the
   flattened output, the Jacobian with respect to the layer below, the pre-activation, and
@@ -174,6 +173,22 @@ def per_layer(values: list) -> jax.Array:
     return jnp.concatenate(values, axis=1)[:, ::-1]
 
 
+def scan_down(step, carry, jacs: list) -> jax.Array:
+    """``step(carry, J) -> (carry, out)`` over the layer Jacobians of one sample from the
+    output down (``jacs``: per segment ``(n, d_out, d_in)``, forward order): under
+    ``lax.scan`` within a segment, one call for a segment of one layer (which may change
+    the carry's shape). Returns the outputs ``(L, ...)``, output first."""
+    outs = []
+    for J in reversed(jacs):  # a Python loop over the few segments
+        if J.shape[0] == 1:
+            carry, out = step(carry, J[0])
+            out = out[None]
+        else:
+            carry, out = jax.lax.scan(step, carry, J[::-1])
+        outs.append(out)
+    return jnp.concatenate(outs)
+
+
 def log_norm(v: jax.Array, axis=-1) -> jax.Array:
     """``log ||v||`` over ``axis`` (an int or a tuple), computed on ``v / max|v|`` so that
     it neither overflows nor underflows where the logarithm is representable; ``-inf`` for
@@ -307,10 +322,7 @@ def check_params(model: Model, params) -> None:
     spec = model.params_spec
     if spec is None:
         return
-    fix = (
-        "pass the params made for this model (net.init(key), or the params chain() returned "
-        "with it)"
-    )
+    fix = "pass the params made for this model (net.init(key), or those chain() returned)"
     if params is None:
         raise ValueError(f"params is None; {fix}")
     got, got_def = jax.tree_util.tree_flatten_with_path(params)
@@ -320,13 +332,10 @@ def check_params(model: Model, params) -> None:
         want_paths = [tuple(_key_names(p)) for p, _ in want]
         missing = [p for p in want_paths if p not in got_paths]
         extra = sorted(got_paths - set(want_paths), key=str)
-        what = (
-            f"has no entry {_path(missing[0])[6:]}"
-            if missing
-            else f"has an entry {_path(extra[0])[6:]} this model does not have"
-            if extra
-            else "has another structure"
-        )
+        what = "has another structure"
+        if missing or extra:
+            entry = _path(missing[0] if missing else extra[0])[6:]
+            what = f"has no entry {entry}" if missing else f"has an entry {entry} this model lacks"
         raise ValueError(
             f"params do not fit this {type(model).__name__}: params {what} (expected the "
             f"structure {want_def}); {fix}"
@@ -374,6 +383,12 @@ def prepare(model: Model, params, x):
     """Check ``params`` against ``model`` and ``x`` as inputs (arrays of real floats, at
     least one sample, finite), cast ``x`` to the model's dtype (the model's dtype wins),
     and split it into samples (:meth:`Model.samples`). Every public diagnostic starts here.
+
+    The ``(net, params, x)`` of every diagnostic: any model (built in, or a
+    :func:`~jacobian_lab.chain`), its params (``net.init(key)``, or those ``chain``
+    returned), and inputs with a leading sample axis: ``(B, in_dim)``, images
+    ``(B, H, W, C)`` for a conv net, a pytree for a chain; a batch-norm model takes one
+    batch ``(B, ...)`` or ``S`` batches ``(S, B, ...)`` (one sample is a batch).
     """
     check_params(model, params)
     dtype = compute_dtype(model)

@@ -15,7 +15,7 @@ arXiv 1712.05577, Section 3):
   ``GSC(k, l) >= c * r^(k - l)``; :func:`growth_rate` fits ``r`` and ``c``.
 
 The GSC is a per-input quantity; the functions here return it per sample (see
-:mod:`jacobian_lab.layered` for what a sample is) and leave averaging to the caller.
+:mod:`jacobian_lab.model` for what a sample is) and leave averaging to the caller.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from jacobian_lab.driver import (
     log_norm,
     output_sizes,
     prepare,
+    scan_down,
     trace,
 )
 from jacobian_lab.layered import accumulate
@@ -85,36 +86,21 @@ def _gsc_from_logs(log_fro: jax.Array, sizes, log_len: jax.Array) -> jax.Array:
     return jnp.exp(log_fro - 0.5 * log_d + log_len - log_len[..., :1])
 
 
-def rescaled_step(G: jax.Array, log_scale: jax.Array, D: jax.Array):
-    """``G D`` divided by its Frobenius norm, and ``log_scale`` plus the log of that norm:
-    a running product kept as ``exp(log_scale) * G`` with ``||G||_F = 1`` (an exactly
-    zero product stays zero, with ``log_scale = -inf``)."""
-    G = G @ D
-    n = jnp.exp(log_norm(G, axis=(-2, -1)))
-    return jnp.where(n > 0, G / jnp.where(n > 0, n, 1), G), log_scale + jnp.log(n)
-
-
 def backward_log_norms(jacs: list) -> jax.Array:
     """``log ||d f_0 / d f_k||_F`` for ``k = 0 .. L`` of one sample from its per-segment
     layer Jacobians ``(n, d_out, d_in)`` (forward order), by the running product
     ``G <- G D`` from the output down, rescaled at every step: ``(L+1,)``."""
     d0 = jacs[-1].shape[1]
+    log_g = 0.5 * jnp.log(jnp.asarray(d0, jacs[-1].dtype))
+
+    def step(carry, D):  # the product is exp(log_g) * G with ||G||_F = 1 (0 stays 0)
+        G = carry[0] @ D
+        n = jnp.exp(log_norm(G, axis=(-2, -1)))
+        log_g = carry[1] + jnp.log(n)
+        return (jnp.where(n > 0, G / jnp.where(n > 0, n, 1), G), log_g), log_g
+
     G = jnp.eye(d0, dtype=jacs[-1].dtype) / jnp.sqrt(d0)
-    log_g = 0.5 * jnp.log(jnp.asarray(d0, G.dtype))
-    out = [log_g[None]]
-    for J in reversed(jacs):
-
-        def step(carry, D):
-            G, log_g = rescaled_step(*carry, D)
-            return (G, log_g), log_g
-
-        if J.shape[0] == 1 or J.shape[1] != J.shape[2]:
-            (G, log_g), lg = step((G, log_g), J[0])
-            lg = lg[None]
-        else:
-            (G, log_g), lg = jax.lax.scan(step, (G, log_g), J[::-1])
-        out.append(lg)
-    return jnp.concatenate(out)
+    return jnp.concatenate([log_g[None], scan_down(step, (G, log_g), jacs)])
 
 
 @partial(jax.jit, static_argnums=0)
@@ -163,10 +149,8 @@ def gsc(
     """GSC from every layer to the output, per sample.
 
     Args:
-        net, params: any model and its parameters (built-in, conv, or a
-            :func:`~jacobian_lab.chain` with layers of any sizes).
-        x: inputs ``(B, in_dim)`` (batch-norm networks: one batch, or ``(S, B, in_dim)``;
-            a chain: a pytree with a leading sample axis).
+        net, params, x: any model (layers of any sizes), its params and inputs, as for
+            every diagnostic (:func:`~jacobian_lab.driver.prepare`).
         method: ``"dense"`` (exact, from every layer's Jacobian), ``"matrix_free"``
             (:func:`gsc_estimate`, its point estimate), or ``"auto"``: dense when the
             per-layer Jacobians of all samples fit ``memory_budget`` bytes (default
@@ -244,35 +228,20 @@ def _probe_log_norms(model: Model, params: Params, x, key, num_probes: int):
         return (lambda out: (out, out))(_rescale_tap(apply_unit(unit, p, h), s))
 
     segments = jax.eval_shape(lambda v: forward(model, params, v)[1], x)
-    s0 = [
-        jnp.zeros(
-            jax.tree_util.tree_leaves(seg)[0].shape[:1], jax.tree_util.tree_leaves(seg)[0].dtype
-        )
-        for seg in segments
-    ]
+    firsts = [jax.tree_util.tree_leaves(seg)[0] for seg in segments]
+    s0 = [jnp.zeros(a.shape[:1], a.dtype) for a in firsts]
     (out, outs), vjp = jax.vjp(lambda v, s: walk(model, params, v, tap, s), x, s0)
-    leaves, treedef = jax.tree_util.tree_flatten(out)  # a chain's output may be a pytree
-    probes = jax.tree_util.tree_unflatten(
-        treedef,
-        [
-            jax.random.rademacher(k, (num_probes, *v.shape), v.dtype)
-            for k, v in zip(jax.random.split(key, len(leaves)), leaves, strict=True)
-        ],
-    )
+    treedef = jax.tree_util.tree_structure(out)  # a chain's output may be a pytree
+    keys = treedef.unflatten(list(jax.random.split(key, treedef.num_leaves)))
+    draw = lambda k, v: jax.random.rademacher(k, (num_probes, *v.shape), v.dtype)  # noqa: E731
+    probes = jax.tree_util.tree_map(draw, keys, out)
     zero_outs = jax.tree_util.tree_map(jnp.zeros_like, outs)
     g_x, log_steps = jax.vmap(lambda u: vjp((u, zero_outs)))(probes)
     steps = jnp.concatenate(log_steps, axis=-1)[:, ::-1]  # (P, L), from the output down
     log_fro = jnp.cumsum(steps, axis=-1)
     log_x = log_fro[:, -1] + jax.vmap(lambda g: log_norm(ravel_pytree(g)[0]))(g_x)
-    flat = lambda seg: jnp.concatenate(  # noqa: E731
-        [a.reshape(a.shape[0], -1) for a in jax.tree_util.tree_leaves(seg)], axis=-1
-    )
-    log_len = jnp.concatenate(
-        [
-            jnp.concatenate([log_norm(flat(seg)) for seg in outs])[::-1],
-            log_norm(ravel_pytree(x)[0])[None],
-        ]
-    )
+    hidden = [log_norm(jax.vmap(lambda o: ravel_pytree(o)[0])(seg)) for seg in outs]
+    log_len = jnp.concatenate([jnp.concatenate(hidden)[::-1], log_norm(ravel_pytree(x)[0])[None]])
     return jnp.concatenate([log_fro, log_x[:, None]], axis=1), log_len
 
 
@@ -438,11 +407,8 @@ def growth_rate(g: jax.Array) -> GrowthRate:
     if L < 1:
         raise ValueError("growth_rate needs GSC values for at least two layers")
     if not is_traced(g) and not bool(jnp.all(g > 0)):
-        k = int(
-            np.argmax(
-                np.any(np.asarray(g <= 0) | np.isnan(np.asarray(g)), axis=tuple(range(g.ndim - 1)))
-            )
-        )
+        bad = ~(np.asarray(g).reshape(-1, L + 1) > 0)  # zero, negative or NaN
+        k = int(np.argmax(bad.any(axis=0)))
         raise ValueError(
             f"growth_rate fits log GSC(k, 0) and needs positive values, but GSC({k}, 0) is "
             f"{float(np.asarray(g).reshape(-1, L + 1)[:, k].min())}: exact zeros come from "
@@ -463,9 +429,7 @@ def check_keys(keys) -> None:
     raw = hasattr(keys, "dtype") and keys.dtype == jnp.uint32 and jnp.ndim(keys) == 2
     if not ((typed and jnp.ndim(keys) == 1) or raw):
         got = (
-            f"{type(keys).__name__} of shape {jnp.shape(keys)}"
-            if hasattr(keys, "shape")
-            else repr(keys)
+            f"{type(keys).__name__} of shape {keys.shape}" if hasattr(keys, "shape") else repr(keys)
         )
         raise TypeError(
             f"keys must be PRNG keys with a leading seed axis, e.g. "

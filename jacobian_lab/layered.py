@@ -5,15 +5,9 @@ Jacobian of every layer with respect to the layer below it; every J_k^l = df_l /
 then a product of those, accumulated in a second pass rather than by differentiating each
 sub-network again.
 
-**Indexing** follows the GSC paper (arXiv 1712.05577): ``f_0`` is the output,
-``f_L = x`` the input, ``L = net.num_layers``; ``J_k^l = d f_l / d f_k`` for ``k >= l``
-(``k`` below ``l``), a ``d_l x d_k`` matrix.
-
-**Samples.** For per-example models every input row is its own sample: ``x`` of shape
-``(B, in_dim)`` gives ``S = B`` samples and ``d_l = width``. A batch-norm model is a
-function of the whole batch, so its Jacobians are taken with respect to the whole batch:
-``x`` of shape ``(B, in_dim)`` is one sample (``S = 1``) and ``(S, B, in_dim)`` is ``S``
-batches, with ``d_l = B * width`` (row-major: index ``b * width + i``).
+Indexing and samples as in :mod:`jacobian_lab.model`: ``J_k^l = d f_l / d f_k`` for
+``k >= l`` is a ``d_l x d_k`` matrix; a batch-norm model's sample is a whole batch, so
+there ``d_l = B * width`` (row-major: index ``b * width + i``).
 """
 
 from __future__ import annotations
@@ -95,12 +89,8 @@ def layer_jacobians(net: Model, params: Params, x) -> LayerJacobians:
     """Every layer's Jacobian with respect to the layer below it, from one forward pass.
 
     Args:
-        net: any model (:func:`~jacobian_lab.mlp`, :func:`~jacobian_lab.convnet`, a
-            :func:`~jacobian_lab.chain` ...) whose layers after the first keep one size.
-        params: its parameters (``net.init(key)``, or the params from ``chain``).
-        x: inputs ``(B, in_dim)`` (or ``(S, B, in_dim)`` batches for batch norm; images
-            ``(B, H, W, C)`` for a conv net; a pytree with a leading sample axis for a
-            chain).
+        net, params, x: any model whose layers after the first keep one size, its params
+            and inputs (as for every diagnostic: :func:`~jacobian_lab.driver.prepare`).
 
     Returns:
         :class:`LayerJacobians` (shapes there; ``d`` is the flat size of a layer's value).

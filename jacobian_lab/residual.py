@@ -31,12 +31,13 @@ from jacobian_lab.driver import (
     check_values,
     finite_layers,
     log_lengths,
-    log_norm,
     norm,
     per_layer,
     prepare,
+    scan_down,
     trace,
 )
+from jacobian_lab.gsc import qm_norm
 from jacobian_lab.initializers import normal
 from jacobian_lab.model import Block, Model, Params, units_of
 
@@ -120,11 +121,10 @@ def pythagorean_decomposition(net: Model, params: Params, x) -> Pythagorean:
     """Split every block's output length into skip, branch and cross term.
 
     Args:
-        net: any model with residual blocks (:func:`jacobian_lab.resmlp`, a chain with
+        net, params, x: as for every diagnostic (:func:`~jacobian_lab.driver.prepare`),
+            ``net`` with residual blocks (:func:`jacobian_lab.resmlp`, a chain with
             :class:`~jacobian_lab.Residual` layers); ``f`` is the skip's output, which is
             the block input for an identity skip.
-        params: its parameters.
-        x: inputs ``(B, in_dim)`` (a chain: a pytree with a leading sample axis).
 
     Returns:
         :class:`Pythagorean` with fields of shape ``(S, number of blocks)``, nearest the
@@ -142,11 +142,9 @@ class BlockJacobianStats(NamedTuple):
     """Norm preservation of each block, per sample.
 
     Fields:
-        singular_values: ``(S, U, d)`` with ``U = net.num_units`` (``depth`` blocks, or
-            ``depth - 1`` layers above the stem of a plain network); singular values of the
-            unit's Jacobian
-            ``d f_l / d f_{l+1}`` (``I + alpha dr/df`` for ``block_order="pre"``),
-            descending.
+        singular_values: ``(S, U, d)`` over the ``U`` blocks (see
+            :func:`block_jacobian_stats`): singular values of the block's Jacobian
+            ``d f_l / d f_{l+1}`` (``I + alpha dr/df`` without post-activation), descending.
         gradient_ratio: ``(S, U)``; ``||g_{l+1}|| / ||g_l||`` where ``g_l`` is the
             gradient with respect to ``f_l`` of the loss ``<v, f_0>`` for a random
             Gaussian direction ``v`` at the output: the factor by which the block scales the
@@ -171,22 +169,13 @@ def block_layers(model: Model, tr) -> list[int]:
 def backward_ratios(jacs: list, g: jax.Array) -> jax.Array:
     """``||g_{l+1}|| / ||g_l||`` for every layer of one sample, GSC order ``(L,)``, where
     ``g_0 = g`` and ``g_{l+1} = J_l^T g_l`` (``jacs``: per segment, forward order)."""
-    out = []
-    g = g / norm(g)
-    for J in reversed(jacs):
 
-        def step(g, D):  # g has norm 1: the ratio is ||D^T g||, then g is rescaled
-            below = D.T @ g
-            n = norm(below)
-            return below / jnp.where(n > 0, n, 1), n
+    def step(g, D):  # g has norm 1: the ratio is ||D^T g||, then g is rescaled
+        below = D.T @ g
+        n = norm(below)
+        return below / jnp.where(n > 0, n, 1), n
 
-        if J.shape[0] == 1 or J.shape[1] != J.shape[2]:
-            g, r = step(g, J[0])
-            r = r[None]
-        else:
-            g, r = jax.lax.scan(step, g, J[::-1])
-        out.append(r)
-    return jnp.concatenate(out)
+    return scan_down(step, g / norm(g), jacs)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -219,12 +208,11 @@ def block_jacobian_stats(net: Model, params: Params, x, key: jax.Array) -> Block
     """Singular values of every block's Jacobian and the gradient-norm ratio across it.
 
     Args:
-        net: any model; params: its parameters. The blocks are its residual blocks
-            (nearest the output first); in a model without any (a plain network), every
-            layer after the first with a square Jacobian (the comparison Zaeemzadeh et al.
-            draw between blocks with and without the skip).
-        x: inputs ``(B, in_dim)`` (batch norm: one batch, or ``(S, B, in_dim)``; a chain:
-            a pytree with a leading sample axis).
+        net, params, x: as for every diagnostic (:func:`~jacobian_lab.driver.prepare`).
+            The blocks are the residual blocks (nearest the output first); in a model
+            without any (a plain network), every layer after the first with a square
+            Jacobian (the comparison Zaeemzadeh et al. draw between blocks with and without
+            the skip).
         key: PRNG key for the random output direction ``v``.
 
     Returns:
@@ -263,18 +251,14 @@ class BlockGSC(NamedTuple):
     predicted: jax.Array
 
 
-def _qm(J: jax.Array) -> jax.Array:
-    return jnp.exp(log_norm(J, axis=(-2, -1)) - 0.5 * jnp.log(J.shape[-1]))
-
-
 @partial(jax.jit, static_argnums=0)
 def _block_gsc(model: Model, params: Params, xs):
     tr = trace(model, params, xs, blocks=True)
     fields = []
     for r in _blocks(tr):
         n_h, n_s, n_r, n_out = (norm(v) for v in (r.inp, r.skip, r.branch, r.out))
-        qm_block, qm_r = _qm(r.jac), _qm(r.branch_jac)
-        qm_s = jnp.ones_like(qm_r) if r.skip_jac is None else _qm(r.skip_jac)
+        qm_block, qm_r = qm_norm(r.jac), qm_norm(r.branch_jac)
+        qm_s = jnp.ones_like(qm_r) if r.skip_jac is None else qm_norm(r.skip_jac)
         rho = n_r / n_s
         branch = jnp.where(n_r > 0, qm_r * n_h / jnp.where(n_r > 0, n_r, 1.0), jnp.nan)
         # skip GSC g_s = qm_s n_h / n_s and branch GSC g_r: sqrt((g_s^2 + g_r^2 rho^2) /
@@ -289,11 +273,10 @@ def block_gsc(net: Model, params: Params, x) -> BlockGSC:
     """Measured and predicted GSC across every residual block (see :class:`BlockGSC`).
 
     Args:
-        net: any model with residual blocks without a post-activation (a
+        net, params, x: as for every diagnostic (:func:`~jacobian_lab.driver.prepare`),
+            ``net`` with residual blocks without a post-activation (a
             :func:`~jacobian_lab.resmlp` with ``block_order="pre"``, a chain with
-            :class:`~jacobian_lab.Residual` layers); params: its parameters.
-        x: inputs ``(B, in_dim)`` (batch norm: one batch, or ``(S, B, in_dim)``; a chain:
-            a pytree with a leading sample axis).
+            :class:`~jacobian_lab.Residual` layers).
 
     Returns:
         :class:`BlockGSC`, fields ``(S, number of blocks)``, nearest the output first.

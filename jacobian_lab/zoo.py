@@ -37,35 +37,20 @@ def paper_architectures(
         width: units per layer (100 in the paper); the input also has this width.
         dtype: ``"float32"`` or ``"float64"``.
     """
-    archs: dict[str, Network] = {}
-    for residual in (False, True):
-        for act, sigma_w in ACTIVATION_SIGMA_W.items():
-            for norm, prefix in _NORM_PREFIX.items():
-                name = ("resnet-" if residual else "") + prefix + act
-                if residual:
-                    archs[name] = resmlp(
-                        max(depth // 2, 1),
-                        width,
-                        act,
-                        block_layers=2,
-                        norm=norm,
-                        sigma_w=sigma_w,
-                        dtype=dtype,
-                        name=name,
-                    )
-                else:
-                    archs[name] = mlp(
-                        depth, width, act, norm=norm, sigma_w=sigma_w, dtype=dtype, name=name
-                    )
-        if not residual:
-            archs["looks-linear-relu"] = mlp(
-                depth,
-                width,
-                "relu",
-                weight_init="looks_linear",
-                dtype=dtype,
-                name="looks-linear-relu",
-            )
+    kinds = [
+        (a, s, n, p + a) for a, s in ACTIVATION_SIGMA_W.items() for n, p in _NORM_PREFIX.items()
+    ]
+    archs = {
+        name: mlp(depth, width, act, norm=norm, sigma_w=s, dtype=dtype, name=name)
+        for act, s, norm, name in kinds
+    }
+    name = "looks-linear-relu"
+    archs[name] = mlp(depth, width, "relu", weight_init="looks_linear", dtype=dtype, name=name)
+    for act, s, norm, plain in kinds:
+        name = "resnet-" + plain  # depth // 2 blocks of block_layers=2 dense layers
+        archs[name] = resmlp(
+            max(depth // 2, 1), width, act, norm=norm, sigma_w=s, dtype=dtype, name=name
+        )
     return archs
 
 
@@ -83,11 +68,7 @@ def architecture(
             DeprecationWarning,
             stacklevel=2,
         )
-        depth, width, dtype = (
-            (*legacy, width, dtype)[:3]
-            if len(legacy) == 1
-            else ((*legacy, dtype)[:3] if len(legacy) == 2 else legacy[:3])
-        )
+        depth, width, dtype = (*legacy, *(depth, width, dtype)[len(legacy) :])[:3]
     archs = paper_architectures(depth=depth, width=width, dtype=dtype)
     if name not in archs:
         raise ValueError(f"unknown architecture {name!r}; expected one of: {', '.join(archs)}")
