@@ -74,6 +74,7 @@ from jacobian_lab.driver import (
     finite_layers,
     log_norm,
     norm,
+    output_sizes,
     per_layer,
     prepare,
     trace,
@@ -220,7 +221,7 @@ def _dilution(model: Model, params: Params, xs, *, batch: int, fit: str, post: b
     per_layer_axis = partial(jax.vmap, in_axes=1, out_axes=-1)  # over a segment's layers
     split = per_layer_axis(_split_jacobian if jac else _split_lstsq)
     fields, skip_share, branch_share = [], [], []
-    for inp, rec in _segments(tr):
+    for inp, rec in _segments(tr):  # the few segments; a scanned stage is one
         V, F = (inp, rec.out) if batch == 1 else (_rows(inp, batch), _rows(rec.out, batch))
         out = split(V, F, rec.jac) if jac else (split(V, F),)
         fields.append(out)
@@ -263,8 +264,9 @@ def dilution(net: Model, params: Params, x, *, fit: str = "jacobian") -> Dilutio
             (``argmin E||J_f - S||_F^2``); it equals the least-squares fit of ``f`` for
             Gaussian inputs (Stein's lemma). It makes the Jacobian's Pythagorean
             equation ``E qm(J_f)^2 = qm(S)^2 + E qm(J_f - S)^2`` exact and fills the GSC
-            fields. Costs one dense Jacobian per layer and sample (as
-            :func:`~jacobian_lab.gsc`); not for batch-norm models (their Jacobians are
+            fields. Costs one dense Jacobian per layer and sample (no matrix-free
+            path: memory ``N`` times the sum of the layers' Jacobian sizes); not for
+            batch-norm models (their Jacobians are
             with respect to a whole batch).
             ``"lstsq"``: ``S = argmin Q||f(v) - S v||``, fitted to the recorded inputs and
             outputs (no Jacobians, any model, batch norm included). It needs
@@ -293,7 +295,7 @@ def dilution(net: Model, params: Params, x, *, fit: str = "jacobian") -> Dilutio
     batch = int(leaves[0].shape[1]) if net.batch_coupled else 1
     n = int(leaves[0].shape[0]) * batch
     if fit == "lstsq":
-        sizes = _input_sizes(net, params, xs, batch)
+        sizes = [d_in // batch for d_in, _ in output_sizes(net, params, xs)]
         worst = max(range(len(sizes)), key=lambda i: sizes[i])
         if n < 2 * sizes[worst]:
             raise ValueError(
@@ -314,17 +316,6 @@ def dilution(net: Model, params: Params, x, *, fit: str = "jacobian") -> Dilutio
 
 def _as_tuple(unit) -> tuple:
     return unit if isinstance(unit, tuple) else (unit,)
-
-
-def _input_sizes(net: Model, params: Params, xs, batch: int) -> list[int]:
-    """Flat input size per row of every unit, from the input (shapes only)."""
-    tr = jax.eval_shape(lambda v: trace(net, params, v, jac=False), xs)
-    sizes, prev = [], int(tr.x.shape[-1])
-    for rec in tr.records:
-        for _ in range(rec.out.shape[1]):
-            sizes.append(prev // batch)
-            prev = int(rec.out.shape[-1])
-    return sizes
 
 
 # -- the add node ---------------------------------------------------------------------

@@ -146,71 +146,90 @@ def _k(share) -> np.ndarray:
         return np.sqrt(s / (1 - s))
 
 
+def _styles_key(ax, labels: dict) -> None:
+    """Grey proxy lines naming what each line style means."""
+    for style, label in labels.items():
+        ax.plot([], [], color="0.4", linestyle=style, label=label)
+
+
 def plot(data: dict, folder: Path, formats) -> list[Path]:
     prof = data["profiles"]
     rates = {r["arch"]: r["rate"] for r in data["table"]}
+    resnets = [(a, p) for a, p in prof.items() if p["residual"]]
+    colour = {a: OKABE_ITO[(i + 1) % len(OKABE_ITO)] for i, (a, _) in enumerate(resnets)}
+    plain = [a for a, p in prof.items() if not p["residual"]]
+    colour |= {a: series_style(i)["color"] for i, a in enumerate(plain)}
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 4, figsize=(9.0, 3.0))
+        fig, axes = plt.subplots(2, 2, figsize=(6.75, 6.4))
         below = {
             "frameon": False,
             "fontsize": 5,
             "loc": "upper center",
-            "bbox_to_anchor": (0.5, -0.22),
+            "bbox_to_anchor": (0.5, -0.17),
+            "ncol": 3,
         }
-        ax = axes[0]
-        for i, (arch, p) in enumerate((a, p) for a, p in prof.items() if not p["residual"]):
-            k = _k(p["lstsq_share"])
-            style = series_style(i)
+        ax = axes[0, 0]
+        for arch in plain:
+            k = _k(prof[arch]["lstsq_share"])
             ax.semilogy(
                 np.arange(1, len(k) + 1),
-                np.minimum(k, 1e4),
-                color=style["color"],
+                k,
+                color=colour[arch],
                 linestyle="-" if rates[arch] > EXPLODING_RATE else ":",
                 lw=1,
-                label=f"{arch} (rate {rates[arch]:.3f})",
+                label=f"{arch} ({rates[arch]:.3f})",
             )
         ax.set_xlabel("layer, from the input")
-        ax.set_ylabel("dilution k = Q||Sv|| / Q||rho||")
-        ax.set_title("(a) plain layers (dotted: no explosion)", fontsize=8)
-        ax.legend(ncol=2, **below)
+        ax.set_ylabel("dilution k = Q||Sv|| / Q||rho|| (least squares)")
+        ax.set_title("(a) plain layers; dotted: GSC rate <= 1.02", fontsize=8)
+        ax.legend(title="family (GSC rate per layer)", title_fontsize=5, **below)
 
-        ax = axes[1]
-        for i, (arch, p) in enumerate((a, p) for a, p in prof.items() if p["residual"]):
+        ax = axes[0, 1]
+        for arch, p in resnets:
             n = np.arange(1, len(p["share"]))
-            c = OKABE_ITO[(i + 1) % len(OKABE_ITO)]
-            ax.semilogy(n, _k(p["share"])[1:], "-", color=c, label=f"{arch}: block (fitted)")
-            ax.semilogy(n, _k(p["skip_share"])[1:], "--", color=c, label="skip / branch")
-            ax.semilogy(n, _k(p["branch_share"])[1:], ":", color=c, label="branch alone")
+            c = colour[arch]
+            ax.semilogy(n, _k(p["share"])[1:], "-", color=c, label=arch)
+            ax.semilogy(n, _k(p["skip_share"])[1:], "--", color=c)
+            ax.semilogy(n, _k(p["branch_share"])[1:], ":", color=c)
+        _styles_key(
+            ax, {"-": "block, S = E[J]", "--": "Q||s|| / Q||r||", ":": "branch alone, S = E[J]"}
+        )
         ax.set_xlabel("block, from the input")
         ax.set_ylabel("dilution k")
         ax.set_title("(b) the skip dilutes each block", fontsize=8)
-        ax.legend(ncol=2, **below)
+        ax.legend(**below)
 
-        ax = axes[2]
+        ax = axes[1, 0]
         lo, hi = np.inf, 0.0
-        for i, (arch, p) in enumerate((a, p) for a, p in prof.items() if "gsc" in p):
+        markers = iter("^vsDP*XhH<>")
+        for arch, p in ((a, p) for a, p in prof.items() if "gsc" in p):
             m, q = np.array(p["gsc"]), np.array(p["predicted_gsc"])
-            ax.loglog(m, q, "o", ms=2, alpha=0.7, color=series_style(i)["color"], label=arch)
+            c, marker = (colour[arch], "o") if p["residual"] else ("0.3", next(markers))
+            ax.plot(m, q, marker, ms=2.5, alpha=0.7, color=c, label=arch, lw=0)
             lo, hi = min(lo, m.min(), q.min()), max(hi, m.max(), q.max())
-        ax.loglog([lo, hi], [lo, hi], ":", color="0.3", lw=1)
-        ax.set_xlabel("GSC across the unit, measured")
-        ax.set_ylabel("predicted from k (formula *)")
-        ax.set_title("(c) GSC per layer or block", fontsize=8)
-        ax.legend(ncol=2, **below)
+        ax.plot([lo, hi], [lo, hi], ":", color="0.3", lw=1, label="predicted = measured")
+        ax.set_xlabel("GSC across the unit (median over inputs), measured")
+        ax.set_ylabel("predicted from k, formula (*)")
+        ax.set_title("(c) GSC per layer (grey) or block (colour)", fontsize=8)
+        ax.legend(**below)
 
-        ax = axes[3]
-        for i, (arch, p) in enumerate((a, p) for a, p in prof.items() if p["residual"]):
+        ax = axes[1, 1]
+        for arch, p in resnets:
             n = np.arange(1, len(p["add_skip"]) + 1)
-            c = OKABE_ITO[(i + 1) % len(OKABE_ITO)]
             ratio = np.array(p["add_branch"]) / np.array(p["add_skip"])
-            ax.semilogy(n, ratio, "-", color=c, label=f"{arch}: ||branch|| / ||skip||")
-            ax.semilogy(n, np.abs(p["add_cosine"]), ":", color=c, label="|cos(skip, branch)|")
+            ax.semilogy(n, ratio, "-", color=colour[arch], label=arch)
+            ax.semilogy(n, np.abs(p["add_cosine"]), ":", color=colour[arch])
+        _styles_key(ax, {"-": "||branch part|| / ||skip part||", ":": "|cos(skip, branch part)|"})
         ax.set_xlabel("block, from the input")
-        ax.set_ylabel("gradient at the add node")
-        ax.set_title("(d) the add node's two parts", fontsize=8)
-        ax.legend(ncol=2, **below)
-        fig.tight_layout()
+        ax.set_ylabel("median over inputs")
+        ax.set_title("(d) the gradient at each add node", fontsize=8)
+        ax.legend(**below)
+        fig.tight_layout(h_pad=2.5)
         return save_figure(fig, folder / "residual_trick", formats)
+
+
+def _pair(res: dict, plain: dict) -> str:
+    return f"{plain['arch']} {res['gsc_input_output']:.3g} vs {plain['gsc_input_output']:.3g}"
 
 
 def _named_k(row: dict) -> str:
@@ -289,17 +308,22 @@ def verdicts(data: dict) -> list[Verdict]:
         )
         pairs = [(r, rows.get(r["arch"].removeprefix("resnet-"))) for r in res]
         pairs = [(r, p) for r, p in pairs if p is not None]
-        if pairs:
+        wild_pairs = [(r, p) for r, p in pairs if p["rate"] > EXPLODING_RATE]
+        if wild_pairs:
             out.append(
                 Verdict(
                     "A large gradient through the skip makes explosion worse (ResNet GSC above "
-                    "the plain net's)",
-                    all(r["gsc_input_output"] > p["gsc_input_output"] for r, p in pairs),
-                    "GSC(L, 0) ResNet vs plain: "
-                    + "; ".join(
-                        f"{p['arch']} {r['gsc_input_output']:.3g} vs {p['gsc_input_output']:.3g}"
-                        for r, p in pairs
-                    ),
+                    "the exploding plain net's)",
+                    all(r["gsc_input_output"] > p["gsc_input_output"] for r, p in wild_pairs),
+                    "GSC(L, 0) ResNet vs plain, where the plain family explodes: "
+                    + "; ".join(_pair(r, p) for r, p in wild_pairs)
+                    + "; where it does not: "
+                    + (
+                        "; ".join(_pair(r, p) for r, p in pairs if (r, p) not in wild_pairs)
+                        or "none"
+                    )
+                    + ". The skip part equals the arriving gradient, and the branch part is nearly "
+                    "orthogonal to it, so a block grows the gradient by about sqrt(1 + ratio^2)",
                     claims=("D1.2",),
                 )
             )
