@@ -51,6 +51,12 @@ weights in the signal-propagation analysis of Noci et al. 2022, arXiv 2206.03126
 (Vaswani et al. 2017, eq. 1).
 
 Layer outputs follow the GSC paper's indexing (``f_0`` = the output, ``f_L = x``).
+Every dense and matrix-free diagnostic takes a transformer; of the block diagnostics,
+:func:`~jacobian_lab.pythagorean_decomposition` takes every ``norm``,
+:func:`~jacobian_lab.block_gsc` and :func:`~jacobian_lab.block_jacobian_stats` need the
+block's output to be the plain sum (``"pre"``, ``"none"``), and
+:func:`~jacobian_lab.path_gradients` also needs no layer after the blocks (``"none"``:
+Pre-LN ends in its final norm). Token statistics: :mod:`jacobian_lab.tokens`.
 """
 
 from __future__ import annotations
