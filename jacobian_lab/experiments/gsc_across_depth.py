@@ -7,6 +7,16 @@ the GSC from every layer to the output, GSC(k, 0), at initialization (mean over 
 inputs, per seed), and its growth rate r per dense layer (least-squares fit of
 log GSC(k, 0) on k; for ResNets, whose layers k are blocks of two dense layers, the square
 root of the rate per block, so that plain and residual rates compare per dense layer).
+
+Beside every measured profile, its mean-field prediction (dotted), for the same inputs:
+
+* plain, no norm: :func:`jacobian_lab.meanfield.gsc_profile` (length-map transient);
+* plain, layer norm: ``r^k`` with ``r`` from :func:`jacobian_lab.gsc_growth_rate`;
+* plain, batch norm: :func:`jacobian_lab.meanfield.batchnorm_gsc_profile` at the batch size
+  (Yang et al., arXiv 1902.08129);
+* looks-linear ReLU: 1 (an orthogonal linear map at initialization);
+* ResNets: :func:`jacobian_lab.meanfield.residual_gsc_profile` (mean-field residual
+  networks, Yang & Schoenholz arXiv 1712.08969; the Pythagorean equation per block).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jacobian_lab as jl
+from jacobian_lab import meanfield
 from jacobian_lab.experiments.constants import gaussian_inputs
 from jacobian_lab.experiments.plotting import STYLE, plot_band, save_figure, series_style
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
@@ -25,6 +36,11 @@ from jacobian_lab.experiments.report import Analysis, Verdict, script_main
 EXPLODING_RATE = 1.02
 """A family explodes when its fitted GSC growth rate per layer exceeds this (a factor
 e^(0.02 * 50) = 2.7 over the paper's 50 layers, and growing exponentially beyond)."""
+
+THEORY_TOLERANCE = 0.02
+"""Largest relative deviation of a fitted rate from the mean-field one that counts as
+agreement at the paper's width 100 (finite-width corrections are of order 1/width, and
+batch size / width for batch norm; theory_validation tests the predictions with errors)."""
 
 ALL = list(jl.paper_architectures(depth=4, width=4))
 SIZES = {
@@ -62,12 +78,44 @@ def compute(unit: dict) -> dict:
     per_unit = max(net.block_layers, 1)  # a ResNet's unit is a block of dense layers
     # a ResNet's stem is one linear projection, not a block: fit its rate over the blocks
     fitted = profiles[:, :-1] if net.residual else profiles
+    theory = theory_profile(net, np.asarray(x, dtype=float))
+    fitted_theory = theory[:-1] if net.residual else theory
     return {
         "layers": net.num_layers,
         "dense_layers_per_unit": per_unit,
         "profiles": np.asarray(profiles, dtype=float).tolist(),
         "rate": (np.asarray(jl.growth_rate(fitted).rate, dtype=float) ** (1 / per_unit)).tolist(),
+        "theory": theory.tolist(),
+        "theory_rate": float(np.asarray(jl.growth_rate(fitted_theory).rate) ** (1 / per_unit)),
     }
+
+
+def theory_profile(net: jl.Network, x: np.ndarray) -> np.ndarray:
+    """Mean-field GSC(k, 0), ``k = 0 .. L``, of a zoo network on the inputs ``x`` (see the
+    module docstring for which theory)."""
+    gram = x @ x.T / x.shape[1]  # the inputs' Gram over the batch, per input unit
+    act, sw, sb, L = net.activation, net.sigma_w, net.sigma_b, net.num_layers
+    batch = net.norm == "batch"
+    if net.residual:
+        return meanfield.residual_gsc_profile(
+            act,
+            sw,
+            sb,
+            net.num_blocks,
+            norm=net.norm,
+            block_layers=net.block_layers,
+            residual_scale=net.residual_scale,
+            batch_size=x.shape[0] if batch else None,
+            input_gram=gram,
+        )
+    if net.weight_init == "looks_linear":
+        return np.ones(L + 1)
+    if batch:
+        return meanfield.batchnorm_gsc_profile(act, L, x.shape[0], input_gram=gram)
+    if net.norm == "layer":
+        return float(jl.gsc_growth_rate(act, sw, sb, "layer")) ** np.arange(L + 1.0)
+    q1 = sw**2 * float(np.mean(np.diag(gram))) + sb**2
+    return meanfield.gsc_profile(act, sw, sb, L, q1)
 
 
 def _plain(arch: str) -> str | None:
@@ -90,6 +138,8 @@ def summarize(config: dict, records: list[dict]) -> dict:
                 "gsc_input_output_max": float(g.max()),
                 "rate_mean": float(np.mean(r["rate"])),
                 "rate_std": float(np.std(r["rate"])),
+                "rate_theory": r.get("theory_rate"),
+                "gsc_input_output_theory": (r["theory"][-1] if "theory" in r else None),
             }
         )
     depth, width = max(config["depths"]), max(config["widths"])
@@ -98,7 +148,18 @@ def summarize(config: dict, records: list[dict]) -> dict:
         for rec in records
         if rec["config"]["depth"] == depth and rec["config"]["width"] == width
     }
-    return {"table": table, "profile_depth": depth, "profile_width": width, "profiles": profiles}
+    theory = {
+        rec["config"]["arch"]: rec["result"].get("theory")
+        for rec in records
+        if rec["config"]["depth"] == depth and rec["config"]["width"] == width
+    }
+    return {
+        "table": table,
+        "profile_depth": depth,
+        "profile_width": width,
+        "profiles": profiles,
+        "theory": theory,
+    }
 
 
 def _headline(data: dict) -> dict[str, dict]:
@@ -119,7 +180,13 @@ def plot(data: dict, folder: Path, formats) -> list[Path]:
             names = [n for n in profiles if n.startswith("resnet-") == resnet]
             for i, name in enumerate(names):
                 p = np.array(profiles[name])
-                plot_band(ax, np.arange(p.shape[1]), p, label=name, style=series_style(i), log=True)
+                # measured solid (dashed after 7 colours); its theory dotted, same colour
+                style = {"color": series_style(i)["color"], "linestyle": "-" if i < 7 else "--"}
+                plot_band(ax, np.arange(p.shape[1]), p, label=name, style=style, log=True)
+                theory = data.get("theory", {}).get(name)
+                if theory is not None:
+                    ax.plot(np.arange(len(theory)), theory, ":", color=style["color"], lw=1.3)
+            ax.plot([], [], ":", color="0.3", lw=1.3, label="mean-field theory")
             ax.set_yscale("log")
             ax.set_xlabel(("block" if resnet else "layer") + " k (0 = output, L = input)")
             ax.set_title("ResNets" if resnet else "plain MLPs", fontsize=8)
@@ -127,7 +194,7 @@ def plot(data: dict, folder: Path, formats) -> list[Path]:
         axes[0].set_ylabel("GSC(k, 0) (dimensionless)")
         fig.suptitle(
             f"depth {data['profile_depth']}, width {data['profile_width']}; band: min-max over "
-            "seeds",
+            "seeds; dotted: mean-field prediction for the same inputs",
             fontsize=7,
         )
         paths += save_figure(fig, folder / "gsc_profiles", formats)
@@ -196,6 +263,24 @@ def verdicts(data: dict) -> list[Verdict]:
                 f"median ratio plain/ResNet of GSC(L, 0) = {np.median(ratios):.3g} "
                 f"(range {min(ratios):.3g} to {max(ratios):.3g})",
                 claims=("P4", "D1.5", "-D1.2"),
+            )
+        )
+    with_theory = [a for a in rows if rows[a].get("rate_theory") is not None]
+    if with_theory:
+        dev = {a: rows[a]["rate_mean"] / rows[a]["rate_theory"] - 1 for a in with_theory}
+        worst = sorted(with_theory, key=lambda a: -abs(dev[a]))[:3]
+        out.append(
+            Verdict(
+                "Mean-field theory predicts the GSC growth of every family, batch norm and "
+                "ResNets included",
+                all(abs(d) < THEORY_TOLERANCE for d in dev.values()),
+                f"{sum(abs(d) < THEORY_TOLERANCE for d in dev.values())} of {len(dev)} fitted "
+                f"rates within {100 * THEORY_TOLERANCE:.0f}% of the theory's at width "
+                f"{data['profile_width']}; largest deviations: "
+                + ", ".join(
+                    f"{a} {rows[a]['rate_mean']:.4f} vs {rows[a]['rate_theory']:.4f}" for a in worst
+                ),
+                claims=("P1", "P4"),
             )
         )
     return out
