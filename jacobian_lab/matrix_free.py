@@ -99,8 +99,7 @@ class Estimate(NamedTuple):
                 f"level must lie strictly between 0 and 1 (e.g. 0.95), got {level!r}; "
                 "for value +- a multiple of the error pass z=..."
             )
-        value = jnp.asarray(self.value)
-        error = jnp.asarray(self.error)
+        value, error = jnp.asarray(self.value), jnp.asarray(self.error)
         if self.dof is None:
             return value - error, value + error
         q = _t_quantile((1 + level) / 2, self.dof, value.dtype)

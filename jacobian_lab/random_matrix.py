@@ -32,7 +32,7 @@ WEIGHT_VARIANCE = {"gaussian": 1.0, "orthogonal": 0.0}
 ``W``: 1 for Gaussian (Marchenko-Pastur, ratio 1), 0 for orthogonal."""
 
 
-def _check(weights: str, depth: int) -> None:
+def _check(depth: int, weights: str = "gaussian") -> None:
     if weights not in WEIGHT_VARIANCE:
         raise ValueError(f"unknown weights {weights!r}; expected one of {tuple(WEIGHT_VARIANCE)}")
     if depth < 1:
@@ -52,8 +52,7 @@ def marchenko_pastur_density(x, sigma_w: float = 1.0) -> np.ndarray:
 def fuss_catalan_moments(depth: int, k) -> np.ndarray:
     """``E[lambda^k] = C((L+1)k, k) / (Lk + 1)`` for a depth-``L`` Gaussian linear network
     with ``sigma_w = 1`` (k = 1 gives 1, k = 2 gives L + 1)."""
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
+    _check(depth)
     k = np.asarray(k)
     return comb((depth + 1) * k, k, exact=False) / (depth * k + 1)
 
@@ -65,8 +64,7 @@ def fuss_catalan_density(depth: int, x) -> np.ndarray:
     ``density = sin(t)^2 sin(Lt)^(L-1) / (pi sin((L+1)t)^L)`` (Haagerup & Moller; Neuschel).
     ``x(t)`` decreases monotonically, so ``t(x)`` is found by bisection.
     """
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
+    _check(depth)
     L = depth
     x = np.asarray(x, np.float64)
     top = (L + 1) ** (L + 1) / L**L
@@ -115,7 +113,7 @@ def jacobian_moments(
     Returns:
         ``(mean, variance)``, each of shape ``(depth,)``, entry ``D - 1`` for depth ``D``.
     """
-    _check(weights, depth)
+    _check(depth, weights)
     q1 = sigma_w**2 + sigma_b**2 if q1 is None else q1
     q = length_sequence(activation, q1, sigma_w, sigma_b, depth)
     mu1, mu2 = derivative_moments(activation, q)
@@ -162,7 +160,7 @@ def jacobian_spectral_density(
         and near 0, where the density may diverge; check it against
         :func:`jacobian_moments`.
     """
-    _check(weights, depth)
+    _check(depth, weights)
     x = np.asarray(x, np.float64)
     if x.size == 0 or not np.all(np.isfinite(x)) or np.any(x <= 0):
         raise ValueError("jacobian_spectral_density takes finite points x > 0")
