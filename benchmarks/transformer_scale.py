@@ -16,7 +16,7 @@ Parts (float32, one token matrix of i.i.d. N(0, 1) embeddings, Pre-LN ``jl.trans
 GELU MLPs of 4 x width, LeCun-normal weights, zero biases):
 
 * **peak**: the float32 matmul rate of this machine, measured in this process with a
-  jitted ``jnp.dot`` of two ``n x n`` matrices (``--peak-size``; median of 5 calls).
+  jitted ``jnp.dot`` of two ``n x n`` matrices (``--peak-size``; the fastest of 5 calls).
 * **GSC**: ``jl.gsc_estimate`` with ``--probes`` (64) Rademacher probes: GSC(k, 0) of every
   layer with standard errors; time of the first call (compile included) and of the
   second call (compiled program reused).
