@@ -71,6 +71,7 @@ from jacobian_lab.model import (
     Repeat,
     forward,
     spec_of,
+    stage_size,
     tracer_hint,
     unit_of,
 )
@@ -136,37 +137,26 @@ class Chain(Model):
         """``x`` split into samples: for a per-example chain ``x`` itself (leaves
         ``(S, ...)``, ``S`` samples); for a batch-coupled chain ``x`` is *one* batch (leaves
         ``(B, ...)``, ``B >= 2``), returned with a leading sample axis of 1."""
-        leaves = jax.tree_util.tree_leaves(x)
-        if self.batch_coupled:
-            if not leaves or any(jnp.ndim(v) == 0 for v in leaves):
-                raise ValueError(
-                    "a batch-coupled chain (batch statistics) takes x as one batch: a "
-                    "pytree of arrays with a leading batch axis (shape (B, *example_shape))"
-                )
-            sizes = {int(jnp.shape(v)[0]) for v in leaves}
-            if len(sizes) != 1:
-                raise ValueError(
-                    f"every leaf of x needs the same leading batch axis; got sizes {sorted(sizes)}"
-                )
-            if sizes.pop() < 2:
-                raise ValueError("batch norm needs a batch of at least 2 inputs")
-            if not any(is_traced(v) for v in leaves):
-                check_no_leaked_tracers(self)
-            return jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], x)
+        leaves, batch = jax.tree_util.tree_leaves(x), self.batch_coupled
         if not leaves or any(jnp.ndim(v) == 0 for v in leaves):
             raise ValueError(
-                "a chain takes x as a pytree of arrays with a leading sample axis "
-                "(shape (S, *sample_shape)); for one sample use "
-                "jax.tree.map(lambda v: v[None], x)"
+                "a batch-coupled chain (batch statistics) takes x as one batch: a pytree of "
+                "arrays with a leading batch axis (shape (B, *example_shape))"
+                if batch
+                else "a chain takes x as a pytree of arrays with a leading sample axis (shape "
+                "(S, *sample_shape)); for one sample use jax.tree.map(lambda v: v[None], x)"
             )
-        if not any(is_traced(v) for v in leaves):
-            check_no_leaked_tracers(self)
         sizes = {int(jnp.shape(v)[0]) for v in leaves}
         if len(sizes) != 1:
             raise ValueError(
-                f"every leaf of x needs the same leading sample axis; got sizes {sorted(sizes)}"
+                f"every leaf of x needs the same leading {'batch' if batch else 'sample'} axis; "
+                f"got sizes {sorted(sizes)}"
             )
-        return x
+        if batch and sizes.pop() < 2:
+            raise ValueError("batch norm needs a batch of at least 2 inputs")
+        if not any(is_traced(v) for v in leaves):
+            check_no_leaked_tracers(self)
+        return jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], x) if batch else x
 
     def apply(self, params: Params, x: Any) -> Any:
         """The chain on one sample ``x`` (no sample axis; a whole batch ``(B, ...)`` for a
@@ -212,8 +202,7 @@ def chain(
             ``"block<i>"``). These name the layers in error messages.
         stack: stack runs of identical consecutive layers into scanned stages.
         state: the ``equinox.nn.State`` of an Equinox model holding state (a
-            ``BatchNorm``): ``model, state = eqx.nn.make_with_state(Model)(...)``, then
-            ``jl.chain(model, state=state)``. Each stateful layer is called as
+            ``BatchNorm``; see the module docstring). Each stateful layer is called as
             ``layer(x, state) -> (y, new_state)`` on a fresh copy of it and ``new_state``
             is thrown away. (A ``BatchNorm(mode="ema")`` mixes the batch's statistics with
             the running ones in ``state`` unless it is fresh from ``make_with_state``;
@@ -240,19 +229,18 @@ def chain(
     if not pieces:
         raise ValueError("chain() needs at least one layer; got an empty list")
     stages, params = _group(pieces, stack)
-    L = len(pieces)
     if names is None:
         names = [
-            f"block{i}" if isinstance(p.unit, Block) else f"layer{i}" for i, p in enumerate(pieces)
+            ("block" if isinstance(p.unit, Block) else "layer") + str(i)
+            for i, p in enumerate(pieces)
         ]
     names = tuple(str(n) for n in names)
-    if len(names) != L:
+    if len(names) != len(pieces):
         raise ValueError(
-            f"got {len(names)} names for {L} layers (after expanding containers "
+            f"got {len(names)} names for {len(pieces)} layers (after expanding containers "
             "and merging parameter-free layers into the layer before them)"
         )
-    params = tuple(params)
-    return Chain(tuple(stages), names, mode.batch, spec_of(params)), params
+    return Chain(tuple(stages), names, mode.batch, spec_of(tuple(params))), tuple(params)
 
 
 def _mode(layers: list, state: Any, batch_coupled: bool | None) -> Mode:
@@ -421,7 +409,7 @@ def check_no_leaked_tracers(model: Model) -> None:
         fns = (unit.apply,) if isinstance(unit, Layer) else (unit.branch, unit.skip, unit.post)
         if any(_holds_tracer(f, depth=6) for f in fns if f is not None):
             raise tracer_hint(None, i, model.names[i])
-        i += stage.n if isinstance(stage, Repeat) else 1
+        i += stage_size(stage)
 
 
 def _holds_tracer(obj, depth: int) -> bool:

@@ -114,9 +114,8 @@ def _paths(branch_jacobians: jax.Array, v: jax.Array, key: jax.Array, num_paths:
     (G, log_c), _ = jax.lax.scan(exact_step, (G0, jnp.zeros((), v.dtype)), branch_jacobians)
 
     # A path of length k takes the branch at the blocks whose random rank is below k.
-    ranks = jax.vmap(lambda k: jax.random.permutation(k, n))(
-        jax.random.split(key, num_paths)
-    )  # (M, n)
+    keys = jax.random.split(key, num_paths)
+    ranks = jax.vmap(lambda k: jax.random.permutation(k, n))(keys)  # (M, n)
     take = ranks[None, :, :] < jnp.arange(n + 1)[:, None, None]  # (n+1, M, n)
     n_v = norm(v)
     g0 = jnp.broadcast_to(v / jnp.where(n_v > 0, n_v, 1), (n + 1, num_paths, d))
@@ -164,11 +163,11 @@ def path_gradients(
     """Gradient carried by residual paths of each length, per sample (Veit et al.).
 
     Args:
-        net: any model whose layers from its first residual block to the output are
-            blocks ``f -> f + r(f)`` (identity skip, no post-activation): a
-            :func:`~jacobian_lab.resmlp` with ``block_order="pre"``, or a chain of
-            :class:`~jacobian_lab.Residual` layers after a stem; params: its parameters.
-        x: inputs ``(B, in_dim)`` (batch norm: one batch, or ``(S, B, in_dim)``).
+        net, params, x: as for every diagnostic (:func:`~jacobian_lab.driver.prepare`),
+            ``net`` with blocks ``f -> f + r(f)`` (identity skip, no post-activation) from
+            its first block to the output: a :func:`~jacobian_lab.resmlp` with
+            ``block_order="pre"``, or a chain of :class:`~jacobian_lab.Residual` layers
+            after a stem.
         key: PRNG key for the output direction ``v`` and the sampled paths.
         num_paths: single paths sampled per length.
 
