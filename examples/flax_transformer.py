@@ -9,8 +9,9 @@ it, :func:`nnx_chain` hands ``jacobian_lab.chain`` one ``jl.Residual`` per subla
 branch ``LN -> attention`` or ``LN -> MLP``, the identity skip) and the final LayerNorm, so
 the chain has the same layer outputs and residual blocks as ``jl.transformer(...)`` with
 ``norm="pre"``, and every per-sublayer diagnostic lines up with it. The built-in model
-draws its own weights from the same distributions, so the two sets of curves estimate the
-same quantities from independent draws (bands: min to max over seeds, one fixed input
+draws its own weights with the same variances (Flax's LeCun normal is truncated at two
+standard deviations and rescaled, the built-in one is not), so the two sets of curves
+estimate the same quantities from independent draws (bands: min to max over seeds, one fixed input
 batch; with 3 seeds the curves of the two models can sit apart, while over 12 seeds the
 output token cosine is 0.552 +- 0.013 for NNX and 0.549 +- 0.012 built in).
 tests/test_brought_transformer.py copies the weights across and checks the diagnostics
