@@ -177,6 +177,63 @@ def gsc(
     return g
 
 
+@partial(jax.jit, static_argnums=0)
+def _log_gradient_norms(model: Model, params: Params, xs):
+    tr = trace(model, params, xs)
+    log_fro = jax.vmap(backward_log_norms)([r.jac for r in tr.records])
+    return log_fro - 0.5 * jnp.log(1.0 * layer_sizes(tr)[0]), finite_layers(tr)
+
+
+def gradient_norm(net: Model, params: Params, x, *, log: bool = False) -> jax.Array:
+    """The raw size of the backpropagated gradient at every layer, per sample:
+    ``||J_k^0||_F / sqrt(d_0)``, the root mean square of ``||J_k^0^T u||`` over ``u``
+    uniform on the unit sphere of the output space (``d_0`` its size), since
+    ``E_u ||J^T u||^2 = ||J||_F^2 / d_0``.
+
+    This is the gradient that reaches ``f_k`` when the loss sends a random unit gradient
+    into the output: the quantity of the vanishing-gradient discussions. Unlike the GSC
+    (Philipp et al., arXiv 1712.05577, Section 3) it is not scale-free: rescaling ``f_k``
+    rescales it, while ``GSC(k, 0) = gradient_norm_k * sqrt(d_0 / d_k) * ||f_k|| / ||f_0||``
+    does not change. So a gradient can vanish in this norm while the GSC grows, when the
+    layer outputs shrink towards the output faster (e.g. tanh with ``sigma_w = 1``).
+
+    Args:
+        net, params, x: as in :func:`gsc` (any model; computed densely from every layer's
+            Jacobian, memory ``S * L * d^2`` numbers as :func:`gsc`'s dense method).
+        log: return the natural log instead, finite wherever the norm itself would
+            overflow or underflow the dtype (it is carried in logs throughout).
+
+    Returns:
+        ``(S, L+1)``; ``[s, k]`` for ``k = 0`` (the output, always 1) up to ``k = L`` (the
+        input), GSC-paper indexing.
+
+    Raises:
+        FloatingPointError: a layer's output or Jacobian is not finite (names the layer).
+        OverflowError: with ``log=False``, a norm beyond the dtype's range (use ``log=True``).
+    Warns :class:`UnderflowWarning` when a norm is exactly zero (dead or saturated units),
+    or, with ``log=False``, underflows to zero.
+    """
+    log_g, ok = _log_gradient_norms(net, params, prepare(net, params, x))
+    check_finite(ok, net)
+    value = log_g if log else jnp.exp(log_g)
+    zero = np.asarray(jnp.any(jnp.isneginf(log_g) if log else value == 0, axis=0))
+    if zero[1:].any():
+        k = int(np.argmax(zero[1:])) + 1
+        warnings.warn(
+            f"the gradient norm at f_{k} is exactly 0 for some sample"
+            + (" (log -inf)" if log else "")
+            + f": the Jacobian of {net.layer_label(k - 1)} is zero or the product underflowed"
+            + ("" if log else "; gradient_norm(..., log=True) keeps it in logs"),
+            UnderflowWarning,
+            stacklevel=2,
+        )
+    if not log and bool(jnp.any(jnp.isinf(value))):
+        raise OverflowError(
+            "the gradient norm overflows the dtype; use gradient_norm(..., log=True)"
+        )
+    return value
+
+
 def gsc_sizes(model: Model, params: Params, xs) -> list[int]:
     """Flat sizes ``d_0 .. d_L`` of ``f_0 .. f_L`` (GSC order): the qm norms' divisors."""
     sizes = output_sizes(model, params, xs)
