@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="which analyses (default: all): gsc_across_depth, pythagorean, "
         "norm_preservation, collapsing_domain, jacobian_spectra, path_lengths, "
-        "theory_validation",
+        "theory_validation, trainability",
     )
     add_analysis_arguments(p, default_out="results/report")
     p.set_defaults(func=cmd_report)

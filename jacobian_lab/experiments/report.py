@@ -39,7 +39,7 @@ SIZES = ("tiny", "small", "paper")
 """``tiny``: seconds, for tests; ``small``: minutes on a 2-core CPU (the default);
 ``paper``: the sizes of the papers' experiments."""
 
-OVERRIDABLE = ("depths", "widths", "seeds", "batch", "dtype")
+OVERRIDABLE = ("depths", "widths", "seeds", "batch", "dtype", "data")
 
 
 class Verdict(NamedTuple):
@@ -338,6 +338,13 @@ def add_analysis_arguments(parser: argparse.ArgumentParser, default_out: str) ->
     parser.add_argument("--seeds", type=int, help="random initializations per configuration")
     parser.add_argument("--batch", type=int, help="Gaussian inputs per configuration (>= 2)")
     parser.add_argument("--dtype", choices=("float32", "float64"), help="precision")
+    parser.add_argument(
+        "--data",
+        metavar="FILE.npz",
+        help="training data of the trainability analysis: a .npz with arrays x_train, "
+        "y_train, x_test, y_test (default: the shipped handwritten digits; 'gaussian': "
+        "Gaussian inputs labelled by a random linear teacher); nothing is downloaded",
+    )
     parser.add_argument(
         "--formats",
         nargs="+",
