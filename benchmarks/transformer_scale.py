@@ -19,7 +19,9 @@ GELU MLPs of 4 x width, LeCun-normal weights, zero biases):
   jitted ``jnp.dot`` of two ``n x n`` matrices (``--peak-size``; the fastest of 5 calls).
 * **GSC**: ``jl.gsc_estimate`` with ``--probes`` (64) Rademacher probes: GSC(k, 0) of every
   layer with standard errors; time of the first call (compile included) and of the
-  second call (compiled program reused).
+  second call (compiled program reused); beside it the plain-JAX alternative with the
+  same FLOPs, a jitted ``jax.vmap`` of one ``jax.vjp`` of the stack over the probes,
+  giving ``||J^T u||^2`` at the input only.
 * **SLQ**: ``jl.slq_spectrum`` (``--slq-probes`` (4) probes x ``--slq-matvecs`` (32)
   Golub-Kahan-Lanczos steps) of ``J = d f_0 / d x``, under ``jax.jit``, first and second
   call (4 probes: each probe's quadrature already averages over ``n = 98,304``
@@ -117,6 +119,19 @@ def slq_program(model, num_probes: int, num_matvecs: int):
     return jax.jit(run)
 
 
+def plain_backward(model, num_probes: int):
+    """The alternative: ``jax.vmap`` of one ``jax.vjp`` of the whole stack over Rademacher
+    probes, returning only ``||J^T u||^2`` at the input (no per-layer norms, no rescaling,
+    no errors), jitted: the same FLOPs as ``gsc_estimate``."""
+
+    def run(params, x0, key):
+        y, vjp = jax.vjp(lambda v: model.apply(params, v[None])[0], x0)
+        u = jax.random.rademacher(key, (num_probes, *y.shape), y.dtype)
+        return jax.vmap(lambda c: jnp.sum(vjp(c)[0] ** 2))(u)
+
+    return jax.jit(run)
+
+
 def scale_part(args, peak: float) -> None:
     N, D, H, T = args.blocks, args.width, args.heads, args.tokens
     n = T * D
@@ -145,6 +160,9 @@ def scale_part(args, peak: float) -> None:
         flush=True,
     )
     row(f"GSC, {model.num_layers + 1} layers, {P} probes", first, second, flops)
+    plain = plain_backward(model, P)
+    _, first_b, second_b = timed_twice(lambda: plain(params, x[0], key))
+    row("  plain JAX vmap(vjp), input only", first_b, second_b, flops)
 
     Ps, K = args.slq_probes, args.slq_matvecs
     slq_run = slq_program(model, Ps, K)
