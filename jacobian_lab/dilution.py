@@ -315,7 +315,9 @@ def dilution(net: Model, params: Params, x, *, fit: str = "jacobian") -> Dilutio
 
 
 def _as_tuple(unit) -> tuple:
-    return unit if isinstance(unit, tuple) else (unit,)
+    """The units of a stage: one layer or block, or a group's (Layer and Block are
+    NamedTuples themselves, so they are tested first)."""
+    return (unit,) if isinstance(unit, Layer | Block) else tuple(unit)
 
 
 # -- the add node ---------------------------------------------------------------------

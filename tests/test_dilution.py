@@ -161,6 +161,17 @@ def test_add_node_split_with_projection_skip_and_chain_lstsq(key):
     assert 0 < float(d.linear_share[0]) < 1 and 0 < float(d.skip_share[0]) < 1
 
 
+def test_post_activation_blocks_have_no_skip_share_and_pass_the_gradient_through_post():
+    """With act(s + r) the skip is not the block's linear part: skip_share is NaN; the
+    add node receives J_post^T g_y, which the identity skip passes on unchanged."""
+    net = jl.resmlp(2, 6, "relu", block_order="post", dtype="float64")
+    params = net.init(jax.random.PRNGKey(0))
+    d = jl.dilution(net, params, _gauss(60, 6), fit="lstsq")
+    assert np.all(np.isnan(d.skip_share)) and np.all(d.branch_share[:2] <= 1)
+    split = jl.add_node_split(net, params, _gauss(2, 6), jax.random.PRNGKey(1))
+    np.testing.assert_allclose(split.skip, split.arriving, rtol=1e-14)
+
+
 def test_errors_name_the_argument():
     net = jl.mlp(2, 6, "relu", dtype="float64")
     params = net.init(jax.random.PRNGKey(0))
