@@ -55,7 +55,7 @@ NORM_THEN_ACT = ("linear-norm-act", "norm-act-linear", "act-linear-norm")
 SIZES = {
     "tiny": {
         "activations": ["relu"],
-        "norms": ["layer"],
+        "norms": ["batch"],
         "orders": ["linear-norm-act", "linear-act-norm"],
         "table_activations": ["relu"],
         "depths": [6],
