@@ -379,8 +379,8 @@ ANALYSIS = Analysis(
     "1/2) do both vanish together. The mean-field lines are the mean over weights of the "
     "squared norm; at finite width the squared gradient fluctuates, more so as beta = sum of "
     "1/width over the layers grows (Hanin, arXiv 1801.03744; beta = 0.49 at depth 50, width "
-    "100), so the geometric mean over seeds sits below the line (ReLU 0.70 vs 1 at the "
-    "input). Gaussian inputs; no normalization; float32.",
+    "100), so the geometric mean over seeds sits below the line (ReLU: 0.70 vs 1 at the "
+    "input at the small size). Gaussian inputs; no normalization; float32.",
 )
 
 if __name__ == "__main__":
