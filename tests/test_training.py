@@ -212,3 +212,26 @@ def test_data_option_reaches_the_analysis_and_a_bad_file_stops_it_early(tmp_path
     assert script_main(ANALYSIS, argv) == 2
     assert "missing array 'y_test'" in capsys.readouterr().err
     assert not (tmp_path / "o" / "trainability" / "records.jsonl").exists()  # no work done
+
+
+def test_a_brought_model_trains_and_its_parameter_free_layers_get_nan(toy):
+    data = toy[0]
+    k1, k2 = jax.random.split(jax.random.PRNGKey(8))
+
+    def dense(p, h):
+        return h @ p["W"] + p["b"]
+
+    layers = [  # chain() joins an activation to the layer before it: a first one stays
+        jnp.tanh,
+        (dense, {"W": jax.random.normal(k1, (8, 16)) / jnp.sqrt(8.0), "b": jnp.zeros(16)}),
+        jnp.tanh,
+        (dense, {"W": jax.random.normal(k2, (16, 5)) / 4.0, "b": jnp.zeros(5)}),
+    ]
+    model, params = jl.chain(layers)
+    h = jl.train(model, params, data, key=jax.random.PRNGKey(0), optimizer="adam",
+                 learning_rate=0.03, steps=10, gsc_samples=4)  # fmt: skip
+    assert h.train_loss[-1] < 0.5 * h.train_loss[0]
+    assert h.gsc.shape[1] == 4 and np.all(np.isfinite(h.gsc))
+    # GSC-paper order: f_0 = the last dense layer, f_1 = dense + tanh, f_2 = tanh (no params)
+    assert np.isnan(h.grad_norm[-1, 2]) and np.isnan(h.update_ratio[-1, 2])
+    assert np.all(h.grad_norm[-1, :2] > 0) and np.all(h.update_ratio[-1, :2] > 0)
