@@ -8,6 +8,8 @@
                                                                                 1 layer output
            | Repeat(Layer | Block, n)             n copies with stacked params under
                                                   lax.scan                      n layer outputs
+           | Repeat((unit, unit, ...), n)         a group of k units applied in turn,
+                                                  n copies under lax.scan     n*k layer outputs
 
 Every model, built in (:func:`~jacobian_lab.mlp`, :func:`~jacobian_lab.resmlp`,
 :func:`~jacobian_lab.convnet`, :func:`~jacobian_lab.resconvnet`) or brought
@@ -29,7 +31,7 @@ batch ``(B, ...)`` and its Jacobians are taken with respect to the whole batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -77,22 +79,34 @@ class Repeat(NamedTuple):
     leading axis of length ``n``; the driver runs them under ``lax.scan`` (compile time
     does not grow with ``n``) when a copy's output has its input's shape, and one by one
     otherwise.
+
+    ``stage`` may also be a tuple of ``k`` units applied in turn (a *group*, e.g. a
+    transformer block's attention and MLP sublayers, each its own residual block); its
+    params are then a tuple of ``k`` stacked pytrees, and it gives ``n * k`` layer
+    outputs (copy by copy, unit by unit). The units of a group keep their input's shape.
     """
 
-    stage: Layer | Block
+    stage: Layer | Block | tuple
     n: int
 
 
 Stage = Layer | Block | Repeat
 
 
+def units_of(stage: Stage) -> tuple:
+    """The layers and blocks one copy of a stage applies, in order (one, or a group's)."""
+    unit = stage.stage if isinstance(stage, Repeat) else stage
+    return (unit,) if isinstance(unit, Layer | Block) else tuple(unit)
+
+
 def stage_size(stage: Stage) -> int:
     """Number of layer outputs a stage produces."""
-    return stage.n if isinstance(stage, Repeat) else 1
+    return stage.n * len(units_of(stage)) if isinstance(stage, Repeat) else 1
 
 
-def unit_of(stage: Stage) -> Layer | Block:
-    """The layer or block a stage repeats (the stage itself when it is not a Repeat)."""
+def unit_of(stage: Stage) -> Layer | Block | tuple:
+    """The layer or block a stage repeats (the stage itself when it is not a Repeat; a
+    tuple for a group, see :func:`units_of`)."""
     return stage.stage if isinstance(stage, Repeat) else stage
 
 
@@ -136,10 +150,9 @@ class Model:
         output first: the order of the block axis of the block diagnostics."""
         out, i = [], 0
         for s in self.stages:
-            n = stage_size(s)
-            if isinstance(unit_of(s), Block):
-                out += range(i, i + n)
-            i += n
+            units = units_of(s)
+            out += [i + j for j in range(stage_size(s)) if isinstance(units[j % len(units)], Block)]
+            i += stage_size(s)
         return tuple(sorted(self.num_layers - 1 - j for j in out))
 
     def layer_label(self, l: int) -> str:
@@ -182,13 +195,6 @@ def check_stage_params(model: Model, params: Params) -> tuple:
     return per_stage
 
 
-def validate_names(names: Sequence[str], num_layers: int) -> tuple[str, ...]:
-    names = tuple(str(n) for n in names)
-    if len(names) != num_layers:
-        raise ValueError(f"got {len(names)} names for {num_layers} layers")
-    return names
-
-
 # -- running the stages -------------------------------------------------------------
 
 
@@ -204,6 +210,22 @@ def apply_unit(unit: Layer | Block, p, h):
     s = h if unit.skip is None else unit.skip(p, h)
     z = jax.tree_util.tree_map(jnp.add, s, r)
     return z if unit.post is None else unit.post(z)
+
+
+def _apply_copy(units: tuple, ps: tuple, h):
+    for unit, p in zip(units, ps, strict=True):
+        h = apply_unit(unit, p, h)
+    return h
+
+
+def _tap_copy(tap, units: tuple, ps: tuple, h, e):
+    """One copy of a repeated stage, unit by unit (a group has a few units); records
+    stacked on a leading unit axis."""
+    recs = []
+    for j, (unit, p) in enumerate(zip(units, ps, strict=True)):
+        h, rec = tap(unit, p, h, None if e is None else _index(e, j))
+        recs.append(rec)
+    return h, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *recs)
 
 
 def require_float_arrays(out) -> None:
@@ -225,13 +247,8 @@ def require_float_arrays(out) -> None:
 
 
 def _same_shapes(a, b) -> bool:
-    sa, sb = (jax.tree_util.tree_structure(t) for t in (a, b))
-    if sa != sb:
-        return False
-    return all(
-        u.shape == v.shape and u.dtype == v.dtype
-        for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
-    )
+    la, lb = ([(v.shape, v.dtype) for v in jax.tree_util.tree_leaves(t)] for t in (a, b))
+    return jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and la == lb
 
 
 def _index(tree, i):
@@ -240,6 +257,11 @@ def _index(tree, i):
 
 def _lead(tree):
     return jax.tree_util.tree_map(lambda a: a[None], tree)
+
+
+def _split(k: int):
+    """``(n * k, ...) -> (n, k, ...)``: a group's per-layer values by copy and unit."""
+    return lambda a: a.reshape(-1, k, *a.shape[1:])
 
 
 Tap = Callable[[Layer | Block, Any, Any, Any], tuple[Any, Any]]
@@ -262,40 +284,46 @@ def walk(model: Model, params, x, tap: Tap, extras: list | None = None) -> tuple
     """
     per_stage = check_stage_params(model, params)
     h, records, first = x, [], 0
+
+    def single(i, unit, p, h):  # layer i (from the input) as a segment of one
+        e = None if extras is None else _index(extras[len(records)], 0)
+        h, rec = _named(model, i, h, tap, unit, p, h, e)
+        records.append(_lead(rec))
+        return h
+
     for stage, p in zip(model.stages, per_stage, strict=True):
         if not isinstance(stage, Repeat):
-            e = None if extras is None else _index(extras[len(records)], 0)
-            h, rec = _named(model, first, h, tap, stage, p, h, e)
-            records.append(_lead(rec))
+            h = single(first, stage, p, h)
             first += 1
             continue
-        unit = stage.stage
+        units = units_of(stage)
+        k = len(units)
+        ps = (p,) if isinstance(stage.stage, Layer | Block) else p
         start = 0
         for attempt in range(2):  # the first copy may promote the carry (e.g. to float64)
-            rest = p if start == 0 else jax.tree_util.tree_map(lambda a: a[1:], p)
+            rest = ps if start == 0 else jax.tree_util.tree_map(lambda a: a[1:], ps)
             carried = _named(
-                model, first, h, jax.eval_shape, partial(apply_unit, unit), _index(rest, 0), h
+                model, first, h, jax.eval_shape, partial(_apply_copy, units), _index(rest, 0), h
             )
             if _same_shapes(carried, h) or attempt == 1 or stage.n == 1:
                 break
-            e = None if extras is None else _index(extras[len(records)], 0)
-            h, rec = _named(model, first, h, tap, unit, _index(p, 0), h, e)
-            records.append(_lead(rec))
+            for j, unit in enumerate(units):
+                h = single(first + j, unit, _index(ps[j], 0), h)
             start = 1
         if _same_shapes(carried, h) and stage.n - start > 1:
             e = None if extras is None else extras[len(records)]
+            e = None if e is None else jax.tree_util.tree_map(_split(k), e)
 
-            def step(c, pe, unit=unit):
-                return tap(unit, pe[0], c, pe[1])
+            def step(c, pe, units=units):
+                return _tap_copy(tap, units, pe[0], c, pe[1])
 
-            h, rec = _named(model, first + start, h, jax.lax.scan, step, h, (rest, e))
-            records.append(rec)
+            h, rec = _named(model, first + start * k, h, jax.lax.scan, step, h, (rest, e))
+            records.append(jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), rec))
         else:  # the copies change the carried shape (e.g. strided convs): one at a time
             for i in range(start, stage.n):
-                e = None if extras is None else _index(extras[len(records)], 0)
-                h, rec = _named(model, first + i, h, tap, unit, _index(p, i), h, e)
-                records.append(_lead(rec))
-        first += stage.n
+                for j, unit in enumerate(units):
+                    h = single(first + i * k + j, unit, _index(ps[j], i), h)
+        first += stage.n * k
     return h, records
 
 
@@ -349,9 +377,3 @@ def forward(model: Model, params, x, eps: list | None = None) -> tuple[Any, list
         return out, out
 
     return walk(model, params, x, tap, eps)
-
-
-def zero_perturbations(model: Model, params, x) -> list:
-    """Zeros shaped like :func:`forward`'s per-segment outputs for one sample ``x``."""
-    outs = jax.eval_shape(lambda v: forward(model, params, v)[1], x)
-    return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), outs)
