@@ -17,7 +17,8 @@ final training loss over seeds, so that no family is judged at a bad learning ra
 the training loss after the budget against ``GSC(L, 0)`` at initialization (matrix-free
 estimate, mean over 16 training inputs) as a Spearman rank correlation over all
 families and depths; the GSC profile during training; per-layer gradient norms and
-relative update sizes; and an effective depth.
+relative update sizes (figure ``update_ratios``: per layer, a few steps in); and an
+effective depth.
 
 **Effective depth (reconstructed).** The GSC paper defines an effective depth from its
 "residual trick" (arXiv 1712.05577; the full text could not be read here, see
@@ -307,6 +308,8 @@ def summarize(config: dict, records: list[dict]) -> dict:
                 "train_loss": [list(loss[j]) for j in i],
                 "gsc_ratio": [list(gsc_L[j] / gsc_L[j, 0]) for j in i],
                 "lr": best,
+                "update_step": steps[early],
+                "update_ratio": [list(_finite(r["update_ratio"][j][early])) for j in i],
             }
     correlation = {}
     for opt in dict.fromkeys(row["optimizer"] for row in table):
@@ -521,6 +524,25 @@ def plot(data: dict, folder: Path, formats) -> list[Path]:
             fontsize=7,
         )
         paths += save_figure(fig, folder / "training_curves", formats)
+
+        fig, axes = plt.subplots(1, len(opts), figsize=(3.3 * len(opts), 2.6), squeeze=False)
+        for j, opt in enumerate(opts):
+            keys = [k for k in data["curves"]["loss"] if k.endswith(f"|{data['max_depth']}|{opt}")]
+            for i, key in enumerate(keys):
+                cur = data["curves"]["loss"][key]
+                ratio = np.array([_finite(v) for v in cur["update_ratio"]])
+                keep = np.all(np.isfinite(ratio) & (ratio > 0), axis=0)
+                if keep.any():
+                    layers = np.flatnonzero(keep)
+                    plot_band(axes[0][j], layers, ratio[:, keep], label=key.split("|")[0],
+                              style=series_style(i), log=True)  # fmt: skip
+            axes[0][j].set_yscale("log")
+            axes[0][j].set_xlabel("layer l (ResNets: block; 0 = nearest the output)")
+            step = data["curves"]["loss"][keys[0]]["update_step"] if keys else 0
+            axes[0][j].set_title(f"{opt}, depth {data['max_depth']}, step {int(step)}", fontsize=8)
+        axes[0][0].set_ylabel("||update_l|| / ||theta_l||")
+        axes[0][-1].legend(frameon=False, fontsize=5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        paths += save_figure(fig, folder / "update_ratios", formats)
 
         if "effective" in data["curves"]:
             eff = data["curves"]["effective"]
