@@ -23,8 +23,10 @@ statistics of the whole split being evaluated (no running averages are kept).
 **Recording.** At each step ``t`` of ``record_at`` (``0`` = initialization) the loop
 records, at the params ``theta_t`` (before step ``t + 1``): the mean cross-entropy and the
 accuracy on the whole training split and on the held-out split; the GSC profile
-``GSC(k, 0)`` of the model, ``k = 0 .. L`` (:func:`~jacobian_lab.gsc_estimate`,
-matrix-free, averaged over the first ``gsc_samples`` training inputs); per layer, the norm
+``GSC(k, 0)`` of the model, ``k = 0 .. L`` (:func:`~jacobian_lab.gsc` with
+``method="auto"``: exact from the layer Jacobians when they fit its memory budget,
+matrix-free with ``gsc_probes`` probes otherwise), averaged over the first
+``gsc_samples`` training inputs; per layer, the norm
 of the full-batch gradient of the training loss and the size of the update the optimizer
 makes from that gradient relative to the layer's params, ``||delta theta_l|| /
 ||theta_l||`` (for full-batch training exactly the update of step ``t + 1``). Per-layer
@@ -44,7 +46,7 @@ import optax
 
 from jacobian_lab.datasets import Dataset
 from jacobian_lab.driver import compute_dtype
-from jacobian_lab.gsc import gsc_estimate
+from jacobian_lab.gsc import gsc
 from jacobian_lab.model import Model, Params, Repeat, apply_unit, forward, walk
 
 OPTIMIZERS = {"sgd": optax.sgd, "adam": optax.adam}
@@ -178,8 +180,8 @@ def train(
         batch_size: examples per step, drawn without replacement afresh each step; ``None``:
             full batch.
         record_at: steps to record (default :func:`record_steps`).
-        gsc_samples, gsc_probes: training inputs and probes of the GSC estimate (0
-            samples: GSC not recorded, NaN).
+        gsc_samples, gsc_probes: training inputs of the GSC profile (0: not recorded,
+            NaN) and probes when it is estimated matrix-free.
 
     Returns:
         :class:`History`; the same inputs give the same numbers bit for bit.
@@ -322,7 +324,7 @@ def _train_runs(
             z_test = logits(model, p, h, x_test, readout_scale=scale)
             if gsc_samples:
                 k = jax.random.fold_in(probe_key, t)
-                g = gsc_estimate(model, p, x_train[:gsc_samples], k, gsc_probes).value
+                g = gsc(model, p, x_train[:gsc_samples], key=k, num_probes=gsc_probes)
                 g = g.mean(axis=0)
             else:
                 g = jnp.full((model.num_layers + 1,), jnp.nan)

@@ -36,6 +36,8 @@ def test_loss_decreases_on_a_separable_problem_and_seeds_repeat_bit_for_bit(toy)
     assert h.train_loss[-1] < 0.25 * h.train_loss[0]
     assert h.train_accuracy[-1] > 0.95 and h.test_accuracy[-1] > 0.8
     assert np.all(np.isfinite(h.gsc)) and np.allclose(h.gsc[:, 0], 1.0)
+    exact = jl.gsc(net, params, data.x_train[:4], method="dense").mean(axis=0)
+    np.testing.assert_allclose(h.gsc[0], exact, rtol=RTOL)  # recorded at initialization
 
     again = jl.train(net, params, data, key=jax.random.PRNGKey(3), **run)
     for a, b in zip(jax.tree_util.tree_leaves(h), jax.tree_util.tree_leaves(again), strict=True):

@@ -14,8 +14,8 @@ readout maps the model's output ``f_0`` to the 10 classes (:mod:`jacobian_lab.tr
 
 Measured per family, depth and optimizer, at the best learning rate (the lowest median
 final training loss over seeds, so that no family is judged at a bad learning rate):
-the training loss after the budget against ``GSC(L, 0)`` at initialization (matrix-free
-estimate, mean over 16 training inputs) as a Spearman rank correlation over all
+the training loss after the budget against ``GSC(L, 0)`` at initialization (exact, mean over
+16 training inputs) as a Spearman rank correlation over all
 families and depths; the GSC profile during training; per-layer gradient norms and
 relative update sizes (figure ``update_ratios``: per layer, a few steps in); and an
 effective depth.
