@@ -486,7 +486,7 @@ def plot(data: dict, folder: Path, formats) -> list[Path]:
             frameon=False,
             loc="lower center",
             ncol=len(handles),
-            bbox_to_anchor=(0.5, -0.08),
+            bbox_to_anchor=(0.5, -0.14),
         )
         fig.suptitle(
             f"{data['data']}: best learning rate per family; bar: min-max over seeds; x: diverged",
