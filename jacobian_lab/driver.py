@@ -406,7 +406,8 @@ def prepare(model: Model, params, x):
     for v in jax.tree_util.tree_leaves(xs):
         if is_traced(v):
             continue
-        ok = np.asarray(jnp.all(jnp.isfinite(v.reshape(v.shape[0], -1)), axis=1))
+        # numpy, not jnp: a concrete x captured by a caller's jit would be staged by jnp
+        ok = np.all(np.isfinite(np.asarray(v).reshape(v.shape[0], -1)), axis=1)
         if not ok.all():
             s = int(np.argmin(ok))
             what = "batch" if model.batch_coupled else "sample"

@@ -226,3 +226,14 @@ def test_matrix_free_gsc_and_path_gradients_survive_large_activations(key):
     assert float(jnp.max(b.exact)) > 1e25  # ||G_k||^2 would overflow float32
     np.testing.assert_allclose(a.exact, b.exact, rtol=1e-3)
     np.testing.assert_allclose(a.per_path, b.per_path, rtol=1e-3)
+
+
+def test_inputs_captured_by_a_callers_jit_are_checked_not_staged(key):
+    """A concrete ``x`` closed over by the caller's ``jax.jit`` is still checked on the host
+    (jnp would stage the check and fail to read it back)."""
+    net = jl.mlp(3, 8, "tanh")
+    params, x = net.init(key), _x(2, 8)
+    jitted = jax.jit(lambda p: jl.gsc_estimate(net, p, x, key=key, num_probes=4).value)
+    np.testing.assert_allclose(
+        jitted(params), jl.gsc_estimate(net, params, x, key=key, num_probes=4).value, rtol=1e-6
+    )
