@@ -301,7 +301,12 @@ ANALYSIS = Analysis(
     notes="The reference notes hold no GSC values reported by the paper and its full text "
     "was not retrievable here, so there is no column of paper values or ratios. Gaussian "
     "inputs stand in for CIFAR10. Batch-norm Jacobians are over the whole batch, so their GSC "
-    "depends on the batch size. Rates are per dense layer (a ResNet block has two).",
+    "depends on the batch size; so does the dotted batch-norm prediction (Yang et al. "
+    "1902.08129, derived here under its assumptions). Rates are per dense layer (a ResNet "
+    "block has two). Dotted lines are mean-field predictions for the same inputs at infinite "
+    "width: looks-linear ReLU is an orthogonal linear map at initialization (GSC 1); ResNets "
+    "follow the Pythagorean recursion of jacobian_lab.meanfield.residual_gsc_profile. "
+    "Finite-width drifts (He-ReLU and tanh without norm) are not in the theory.",
 )
 
 if __name__ == "__main__":
