@@ -21,9 +21,12 @@ diagnostics -> theory (``meanfield``, ``random_matrix``; imports activations onl
 from jacobian_lab.activations import ACTIVATIONS, get_activation
 from jacobian_lab.chain import Chain, Residual, chain, repeat
 from jacobian_lab.convnets import CONV_INITIALIZERS, ConvNetwork, convnet, resconvnet
+from jacobian_lab.datasets import Dataset, digits, gaussian_data, load_npz
+from jacobian_lab.dilution import AddNodeSplit, Dilution, add_node_split, dilution
 from jacobian_lab.domain import DomainStats, domain_statistics
 from jacobian_lab.gsc import (
     GrowthRate,
+    gradient_norm,
     gradient_scale,
     growth_rate,
     gsc,
@@ -52,7 +55,14 @@ from jacobian_lab.matrix_free import (
     jacobian_operator,
     slq_spectrum,
 )
-from jacobian_lab.meanfield import MeanField, critical_sigma_w, gsc_growth_rate, mean_field
+from jacobian_lab.meanfield import (
+    BatchNormMeanField,
+    MeanField,
+    batchnorm_mean_field,
+    critical_sigma_w,
+    gsc_growth_rate,
+    mean_field,
+)
 from jacobian_lab.model import Block, Layer, Model, Repeat
 from jacobian_lab.networks import Network, mlp, resmlp
 from jacobian_lab.paths import PathGradients, path_gradients
@@ -81,6 +91,23 @@ from jacobian_lab.spectra import (
     spectral_density,
     spectrum_summary,
 )
+from jacobian_lab.tokens import (
+    TokenStats,
+    attention_entropy,
+    attention_weights,
+    rank_collapse_residual,
+    token_cosine,
+    token_statistics,
+)
+from jacobian_lab.training import (
+    History,
+    linearized_outputs,
+    logits,
+    norm_per_layer,
+    train,
+    train_runs,
+)
+from jacobian_lab.transformer import Transformer, transformer
 from jacobian_lab.zoo import architecture, paper_architectures
 
 __version__ = "0.1.0"
@@ -90,15 +117,20 @@ __all__ = [
     "CONV_INITIALIZERS",
     "INITIALIZERS",
     "SLQ",
+    "AddNodeSplit",
+    "BatchNormMeanField",
     "Block",
     "BlockGSC",
     "BlockJacobianStats",
     "Chain",
     "ConvNetwork",
+    "Dataset",
+    "Dilution",
     "DomainStats",
     "Estimate",
     "ExtremeSingularValues",
     "GrowthRate",
+    "History",
     "Layer",
     "LayerJacobians",
     "MeanField",
@@ -112,19 +144,29 @@ __all__ = [
     "Residual",
     "Spectrum",
     "SpectrumSummary",
+    "TokenStats",
+    "Transformer",
+    "add_node_split",
     "architecture",
+    "attention_entropy",
+    "attention_weights",
+    "batchnorm_mean_field",
     "block_gsc",
     "block_jacobian_stats",
     "chain",
     "convnet",
     "critical_sigma_w",
     "device_mesh",
+    "dilution",
+    "digits",
     "domain_statistics",
     "extreme_singular_values",
     "frobenius_norm_sq",
     "fuss_catalan_density",
     "fuss_catalan_moments",
+    "gaussian_data",
     "get_activation",
+    "gradient_norm",
     "gradient_scale",
     "growth_rate",
     "gsc",
@@ -140,7 +182,11 @@ __all__ = [
     "jacobian_spectral_density",
     "jacobian_spectrum",
     "layer_jacobians",
+    "norm_per_layer",
     "layer_to_layer_jacobians",
+    "linearized_outputs",
+    "load_npz",
+    "logits",
     "map_over_devices",
     "marchenko_pastur_density",
     "mean_field",
@@ -150,6 +196,7 @@ __all__ = [
     "prefix_singular_values",
     "pythagorean_decomposition",
     "qm_norm",
+    "rank_collapse_residual",
     "repeat",
     "resconvnet",
     "resmlp",
@@ -157,5 +204,10 @@ __all__ = [
     "slq_spectrum",
     "spectral_density",
     "spectrum_summary",
+    "token_cosine",
+    "token_statistics",
+    "transformer",
+    "train",
+    "train_runs",
     "weight_matrix",
 ]

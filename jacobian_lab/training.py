@@ -103,7 +103,7 @@ def cross_entropy(model: Model, params: Params, head: dict, x, y, *, readout_sca
     return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
 
 
-def layer_norms(model: Model, tree: Params) -> jax.Array:
+def norm_per_layer(model: Model, tree: Params) -> jax.Array:
     """``(L,)`` Euclidean norm of each layer's entries of ``tree`` (params, or a gradient
     or update shaped like them), GSC-paper order (entry ``l``: the layer producing
     ``f_l``). A repeated stage's leading axis indexes its layers; a layer with no
@@ -328,9 +328,9 @@ def _train_runs(
                 g = g.mean(axis=0)
             else:
                 g = jnp.full((model.num_layers + 1,), jnp.nan)
-            p_norm = layer_norms(model, p)
-            ratio = jnp.where(p_norm > 0, layer_norms(model, updates[0]) / p_norm, jnp.nan)
-            grad_norm = jnp.where(p_norm > 0, layer_norms(model, grads[0]), jnp.nan)
+            p_norm = norm_per_layer(model, p)
+            ratio = jnp.where(p_norm > 0, norm_per_layer(model, updates[0]) / p_norm, jnp.nan)
+            grad_norm = jnp.where(p_norm > 0, norm_per_layer(model, grads[0]), jnp.nan)
             return {
                 "train_loss": value,
                 "train_accuracy": jnp.mean(jnp.argmax(z_train, 1) == y_train),

@@ -25,7 +25,7 @@ def _data(out, name):
 def test_report_has_every_analysis_with_figures_data_and_verdicts(report):
     page = (report / "report.html").read_text()
     md = (report / "report.md").read_text()
-    assert len(ANALYSES) == 7
+    assert len(ANALYSES) == 12
     for name, analysis in ANALYSES.items():
         assert analysis.title in page and analysis.title in md
         payload = _data(report, name)
@@ -36,7 +36,10 @@ def test_report_has_every_analysis_with_figures_data_and_verdicts(report):
         assert pngs and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
         assert all(p.with_suffix(".pdf").stat().st_size > 0 for p in pngs)
         assert all(f'src="{name}/{p.name}"' in page for p in pngs)
-    assert page.count("<section>") == 7
+    assert page.count("<section>") == len(ANALYSES) + 1  # the claims table first
+    assert md.index("## Claims") < md.index("## " + next(iter(ANALYSES.values())).title)
+    claim_rows = [line for line in md.splitlines() if line.startswith(("| D", "| P"))]
+    assert len(claim_rows) == 15
 
 
 def test_report_verdicts_at_tiny_size(report):

@@ -14,12 +14,14 @@ LEVELS = {
     "checks": 0,
     "activations": 1,
     "initializers": 1,
+    "datasets": 1,
     "model": 2,
     "adapters": 2,
     "networks": 3,
     "convnets": 3,
     "chain": 3,
     "zoo": 3,
+    "transformer": 3,
     "driver": 4,
     "jacobians": 4,
     "matrix_free": 4,
@@ -29,9 +31,12 @@ LEVELS = {
     "residual": 5,
     "paths": 5,
     "domain": 5,
+    "dilution": 5,
     "spectra": 5,
+    "tokens": 5,
     "meanfield": 6,
     "random_matrix": 6,
+    "training": 6,
 }
 THEORY = {"meanfield", "random_matrix"}
 

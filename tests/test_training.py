@@ -121,7 +121,7 @@ def test_layer_norms_index_layers_from_the_output():
     net = jl.resmlp(3, 4, "relu", block_layers=2, in_dim=2)
     ones = jax.tree_util.tree_map(jnp.ones_like, net.init(jax.random.PRNGKey(0)))
     ones["units"]["W"] = ones["units"]["W"].at[0].multiply(2.0)  # the first block
-    got = jl.layer_norms(net, ones)
+    got = jl.norm_per_layer(net, ones)
     block, first = np.sqrt(2 * 16 + 2 * 4), np.sqrt(2 * 64 + 2 * 4)
     # f_0: block 3, f_1: block 2, f_2: block 1 (doubled weights), f_3: the stem (4x2 + 4)
     np.testing.assert_allclose(got, [block, block, first, np.sqrt(12)], rtol=1e-6)

@@ -7,20 +7,30 @@ from jacobian_lab.experiments import (
     gsc_across_depth,
     jacobian_spectra,
     norm_preservation,
+    normalization,
     path_lengths,
     pythagorean,
+    residual_trick,
     theory_validation,
+    trainability,
+    transformers,
+    vanishing_gradients,
 )
 
 ANALYSES = {
     m.ANALYSIS.name: m.ANALYSIS
     for m in (
         gsc_across_depth,
+        normalization,
+        vanishing_gradients,
         pythagorean,
+        residual_trick,
         norm_preservation,
+        path_lengths,
         collapsing_domain,
         jacobian_spectra,
-        path_lengths,
         theory_validation,
+        trainability,
+        transformers,
     )
 }
