@@ -460,6 +460,7 @@ def growth_rate(g: jax.Array) -> GrowthRate:
 
     Gradients explode (Definition in Section 3 of arXiv 1712.05577) when the rate is above 1.
     """
+    g = jnp.asarray(g)  # a float64 numpy profile is float32 unless x64 is on
     L = g.shape[-1] - 1
     if L < 1:
         raise ValueError("growth_rate needs GSC values for at least two layers")

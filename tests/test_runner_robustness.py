@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jacobian_lab.experiments import cli, runner
+from jacobian_lab.experiments.gsc_across_depth import SIZES
 from jacobian_lab.experiments.report import (
     Analysis,
     Verdict,
@@ -218,15 +219,16 @@ def test_sigint_to_the_report_command_exits_130_and_resumes(tmp_path):
         assert "Traceback" not in err
         return err
 
+    n = len(SIZES["tiny"]["archs"])  # one configuration per architecture at one depth
     err = interrupted_run(lambda: lines() >= 1)
     kept = lines()
-    assert 1 <= kept < 19
-    assert f"kept: {kept} of 19 configurations of gsc_across_depth are saved in {records}" in err
+    assert 1 <= kept < n
+    assert f"kept: {kept} of {n} configurations of gsc_across_depth are saved in {records}" in err
     assert "re-running the same command resumes" in err
     assert (out / "report.html").exists()
 
     err = interrupted_run(lambda: lines() > kept)  # the re-run computes only new ones
-    assert f"resuming: {kept} of 19 configurations already in {records}" in err
+    assert f"resuming: {kept} of {n} configurations already in {records}" in err
     assert len(load_records(records)) == lines() > kept
 
 

@@ -43,8 +43,11 @@ agreement at the paper's width 100 (finite-width corrections are of order 1/widt
 batch size / width for batch norm; theory_validation tests the predictions with errors)."""
 
 ALL = list(jl.paper_architectures(depth=4, width=4))
+# tiny (tests): exploding and calm plain families, the ResNets of the exploding ones
+TINY_ARCHS = ["relu", "batch-relu", "layer-tanh", "batch-tanh", "looks-linear-relu"]
+TINY_ARCHS += ["resnet-batch-relu", "resnet-layer-tanh", "resnet-batch-tanh"]
 SIZES = {
-    "tiny": {"archs": ALL, "depths": [8], "widths": [16], "seeds": 2, "batch": 4},
+    "tiny": {"archs": TINY_ARCHS, "depths": [8], "widths": [16], "seeds": 2, "batch": 4},
     "small": {"archs": ALL, "depths": [50], "widths": [100], "seeds": 3, "batch": 8},
     "paper": {"archs": ALL, "depths": [50], "widths": [100], "seeds": 10, "batch": 32},
 }
@@ -86,7 +89,11 @@ def compute(unit: dict) -> dict:
         "profiles": np.asarray(profiles, dtype=float).tolist(),
         "rate": (np.asarray(jl.growth_rate(fitted).rate, dtype=float) ** (1 / per_unit)).tolist(),
         "theory": theory.tolist(),
-        "theory_rate": float(np.asarray(jl.growth_rate(fitted_theory).rate) ** (1 / per_unit)),
+        "theory_rate": (
+            float(np.asarray(jl.growth_rate(fitted_theory).rate) ** (1 / per_unit))
+            if np.all(np.isfinite(fitted_theory))
+            else None
+        ),
     }
 
 
@@ -96,6 +103,8 @@ def theory_profile(net: jl.Network, x: np.ndarray) -> np.ndarray:
     gram = x @ x.T / x.shape[1]  # the inputs' Gram over the batch, per input unit
     act, sw, sb, L = net.activation, net.sigma_w, net.sigma_b, net.num_layers
     batch = net.norm == "batch"
+    if batch and x.shape[0] < meanfield.MIN_BATCH_SIZE:
+        return np.full(L + 1, np.nan)  # no batch-norm mean field below 4 (infinite rate)
     if net.residual:
         return meanfield.residual_gsc_profile(
             act,
@@ -185,6 +194,7 @@ def plot(data: dict, folder: Path, formats) -> list[Path]:
                 plot_band(ax, np.arange(p.shape[1]), p, label=name, style=style, log=True)
                 theory = data.get("theory", {}).get(name)
                 if theory is not None:
+                    theory = np.asarray(theory, dtype=float)  # None (no theory) -> NaN
                     ax.plot(np.arange(len(theory)), theory, ":", color=style["color"], lw=1.3)
             ax.plot([], [], ":", color="0.3", lw=1.3, label="mean-field theory")
             ax.set_yscale("log")

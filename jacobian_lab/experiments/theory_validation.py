@@ -72,7 +72,8 @@ SIZES = {
         "bn_depth": 8,
         "bn_seeds": 3,
         "batch_families": ["batch-relu"],
-        "resnet_families": [],  # gsc_across_depth's tiny run draws every ResNet theory
+        "resnet_families": [],  # gsc_across_depth's tiny run draws ResNet theory
+        "gsc_families": ["relu", "layer-tanh"],  # seconds: the others at small size
     },
     "small": {
         "depths": [1, 4, 16],
@@ -142,7 +143,7 @@ def configs(config: dict) -> list[dict]:
     units += [
         {"kind": "gsc", "arch": f, "width": w, "depth": config["gsc_depth"], **gsc_common}
         for w in config["widths"]
-        for f in GSC_FAMILIES
+        for f in config.get("gsc_families", GSC_FAMILIES)
     ]
     # batch norm: one sample is a batch; its rate's seed-to-seed spread is largest at small
     # batches (standard error 0.004 over 8 seeds at batch 8, width 64), hence bn_seeds;
