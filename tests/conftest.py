@@ -2,8 +2,13 @@
 ``dtype="float32"`` explicitly (the library's default)."""
 
 import gc
+import os
 
-import jax
+# pytest-xdist runs two test processes (pyproject's addopts): on a GPU, neither may take
+# the default 75% of its memory up front
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
 import pytest
 
 jax.config.update("jax_enable_x64", True)

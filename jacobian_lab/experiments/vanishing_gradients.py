@@ -351,6 +351,20 @@ def verdicts(data: dict) -> list[Verdict]:
                 claims=("D3.2",),
             )
         )
+        larger = [f for f in pairs if flows[f]["grad_input"] > row(f, "plain")["grad_input"]]
+        out.append(
+            Verdict(
+                "Skip connections let the gradient reach the early layers with larger magnitude",
+                len(larger) == len(pairs),
+                f"raw gradient norm at the input, ResNet vs plain ({depth} layers, output = 1): "
+                + ", ".join(
+                    f"{f} {flows[f]['grad_input']:.3g} vs {row(f, 'plain')['grad_input']:.3g}"
+                    for f in pairs
+                )
+                + f"; larger with skips for {len(larger)} of {len(pairs)} families",
+                claims=("D1.1",),
+            )
+        )
     return out
 
 
