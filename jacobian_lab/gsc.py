@@ -464,14 +464,16 @@ def growth_rate(g: jax.Array) -> GrowthRate:
     L = g.shape[-1] - 1
     if L < 1:
         raise ValueError("growth_rate needs GSC values for at least two layers")
-    if not is_traced(g) and not bool(jnp.all(g > 0)):
+    if not is_traced(g) and not bool(jnp.all((g > 0) & jnp.isfinite(g))):
         bad = ~(np.asarray(g).reshape(-1, L + 1) > 0)  # zero, negative or NaN
+        bad |= ~np.isfinite(np.asarray(g).reshape(-1, L + 1))  # or beyond the dtype's range
         k = int(np.argmax(bad.any(axis=0)))
         raise ValueError(
-            f"growth_rate fits log GSC(k, 0) and needs positive values, but GSC({k}, 0) is "
-            f"{float(np.asarray(g).reshape(-1, L + 1)[:, k].min())}: exact zeros come from "
-            "an underflowed or dead Jacobian (gsc warns with the layer), NaN from a failed "
-            "measurement; fit the layers before it, or measure in float64"
+            f"growth_rate fits log GSC(k, 0) and needs positive finite values, but GSC({k}, 0) "
+            f"is {float(np.asarray(g).reshape(-1, L + 1)[:, k][bad[:, k]][0])}: exact zeros "
+            "come from an underflowed or dead Jacobian (gsc warns with the layer), NaN from a "
+            "failed measurement, inf from a value beyond the dtype (float32 unless x64 is on); "
+            "fit the layers before it, or measure in float64"
         )
     k = jnp.arange(L + 1, dtype=g.dtype)
     y = jnp.log(g)

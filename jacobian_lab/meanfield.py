@@ -595,7 +595,13 @@ def _input_stats(input_gram, B: int) -> tuple[float, float]:
     if S.shape != (B, B):
         raise ValueError(f"input_gram must have shape ({B}, {B}) (batch_size), got {S.shape}")
     G = np.eye(B) - 1.0 / B
-    return float(np.trace(G @ S @ G) / (B - 1)), float(np.trace(S) / B)
+    centred = float(np.trace(G @ S @ G) / (B - 1))
+    if not np.isfinite(S).all() or centred <= 0:
+        raise ValueError(
+            "input_gram has no spread across the batch (its centred variance is "
+            f"{centred}): batch norm divides by it; give a batch of distinct inputs"
+        )
+    return centred, float(np.trace(S) / B)
 
 
 def batchnorm_gsc_profile(

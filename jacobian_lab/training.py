@@ -36,6 +36,7 @@ arrays are in the GSC paper's indexing: entry ``l`` is the layer whose output is
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -44,10 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jacobian_lab.checks import is_traced
 from jacobian_lab.datasets import Dataset
 from jacobian_lab.driver import compute_dtype
 from jacobian_lab.gsc import gsc
-from jacobian_lab.model import Model, Params, Repeat, apply_unit, forward, walk
+from jacobian_lab.model import Model, Params, Repeat, apply_unit, forward, units_of, walk
 
 OPTIMIZERS = {"sgd": optax.sgd, "adam": optax.adam}
 
@@ -106,17 +108,24 @@ def cross_entropy(model: Model, params: Params, head: dict, x, y, *, readout_sca
 def norm_per_layer(model: Model, tree: Params) -> jax.Array:
     """``(L,)`` Euclidean norm of each layer's entries of ``tree`` (params, or a gradient
     or update shaped like them), GSC-paper order (entry ``l``: the layer producing
-    ``f_l``). A repeated stage's leading axis indexes its layers; a layer with no
+    ``f_l``). A repeated stage's leading axis indexes its copies (a group of ``k`` units
+    per copy: layers copy by copy, params a tuple of ``k`` stacked trees); a layer with no
     params gets 0."""
+
+    def per_copy(p, n):  # (n,) squared norms of a stacked tree (n = 1: one layer)
+        total = jnp.zeros((n,))
+        for a in jax.tree_util.tree_leaves(p):
+            total = total + jnp.sum(jnp.square(a.reshape(n, -1).astype(jnp.float32)), axis=1)
+        return total
+
     sq = []
     for stage, p in zip(model.stages, model.stage_params(tree), strict=True):
-        n = stage.n if isinstance(stage, Repeat) else 1
-        leaves = jax.tree_util.tree_leaves(p)
-        total = jnp.zeros((n,))
-        for a in leaves:
-            a = a.reshape(n, -1) if isinstance(stage, Repeat) else a.reshape(1, -1)
-            total = total + jnp.sum(jnp.square(a.astype(jnp.float32)), axis=1)
-        sq.append(total)
+        if not isinstance(stage, Repeat):
+            sq.append(per_copy(p, 1))
+        elif len(units_of(stage)) == 1:
+            sq.append(per_copy(p, stage.n))
+        else:  # (n, k) -> copy by copy
+            sq.append(jnp.stack([per_copy(q, stage.n) for q in p], axis=1).reshape(-1))
     return jnp.sqrt(jnp.concatenate(sq))[::-1]
 
 
@@ -253,12 +262,15 @@ def train_runs(
         )
     if not bool(jnp.all(jnp.isfinite(lrs) & (lrs > 0))):
         raise ValueError(f"learning rates must be positive and finite, got {lrs.tolist()}")
+    for name, value in (("gsc_samples", gsc_samples), ("gsc_probes", gsc_probes)):
+        if not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     gsc_samples = min(int(gsc_samples), data.x_train.shape[0])
     dtype = compute_dtype(model)
     arrays = tuple(
         jnp.asarray(a, dtype if i % 2 == 0 else jnp.int32) for i, a in enumerate(data[:4])
     )
-    return _train_runs(
+    hist = _train_runs(
         model,
         names,
         steps,
@@ -273,6 +285,17 @@ def train_runs(
         which,
         arrays,
     )
+    if not is_traced(hist.train_loss):
+        bad = ~np.isfinite(np.asarray(hist.train_loss)).all(axis=-1)
+        if bad.any():
+            warnings.warn(
+                f"training loss became inf or NaN in run(s) {np.flatnonzero(bad).tolist()} of "
+                f"{runs} (learning rates {np.asarray(lrs)[bad].tolist()}): the run diverged, "
+                "or the model's output at initialization is zero or not finite",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return hist
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
@@ -397,6 +420,12 @@ def linearized_outputs(model: Model, params0: Params, params: Params, x, mask) -
             ``f_l``; ``l = 0`` is nearest the output).
     """
     mask = jnp.asarray(mask, bool)
+    if any(isinstance(s, Repeat) and len(units_of(s)) > 1 for s in model.stages):
+        raise NotImplementedError(
+            "linearized_outputs does not yet take a Repeat of a group of units (e.g. "
+            "jl.transformer's blocks): give a model whose repeated stages repeat one layer "
+            "or block"
+        )
     if mask.shape != (model.num_layers,):
         raise ValueError(f"mask must have shape ({model.num_layers},), got {mask.shape}")
     # the initial params and flags of each layer, per segment of the walk (its segments,

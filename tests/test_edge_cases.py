@@ -79,8 +79,11 @@ def test_saturated_jacobian_warns_with_the_layer_and_growth_rate_refuses_zeros(k
     net = jl.mlp(10, 32, "tanh", sigma_w=1000.0)
     with pytest.warns(UnderflowWarning, match=r"GSC\(k, 0\) is exactly 0 for k >= 1.*'dense10'"):
         g = jl.gsc(net, net.init(key), _x(2, 32))
-    with pytest.raises(ValueError, match="needs positive values"):
+    with pytest.raises(ValueError, match="needs positive finite values"):
         jl.growth_rate(g.mean(0))
+    # a value beyond the dtype (a float64 profile past 3e38 is inf once cast to float32)
+    with pytest.raises(ValueError, match=r"GSC\(2, 0\) is inf"):
+        jl.growth_rate(jnp.array([1.0, 1e20, jnp.inf], jnp.float32))
 
 
 # -- 3. degenerate networks ---------------------------------------------------------------

@@ -230,3 +230,10 @@ def test_residual_profile_layer_norm_closed_form():
     expected = np.sqrt(pi * q[::-1] / q[-1])
     np.testing.assert_allclose(p[:-1], expected, rtol=1e-10)
     assert p[-1] == pytest.approx(expected[-1] * np.sqrt(sw**2 / sw**2), rel=1e-10)
+
+
+def test_batch_norm_profile_refuses_inputs_without_spread():
+    """Batch norm divides by the inputs' centred variance: identical inputs are an error
+    naming input_gram, not an inf or NaN profile."""
+    with pytest.raises(ValueError, match="input_gram has no spread"):
+        mf.batchnorm_gsc_profile("relu", 5, 8, input_gram=np.ones((8, 8)))

@@ -127,6 +127,18 @@ def test_layer_norms_index_layers_from_the_output():
     np.testing.assert_allclose(got, [block, block, first, np.sqrt(12)], rtol=1e-6)
 
 
+def test_norm_per_layer_counts_each_unit_of_a_group():
+    """A transformer repeats (attention, MLP) per block: one norm per sublayer, copy by copy,
+    and 0 for the parameter-free final norm. All-ones params: the norm is sqrt(entries)."""
+    net = jl.transformer(2, 8, 2, 4, mlp_ratio=2)
+    ones = jax.tree_util.tree_map(jnp.ones_like, net.init(jax.random.PRNGKey(0)))
+    attn, mlp = np.sqrt(4 * (8 * 8 + 8)), np.sqrt(16 * 8 + 16 + 8 * 16 + 8)
+    got = jl.norm_per_layer(net, ones)  # f_0 = final norm, then block 2's mlp, attn, ...
+    np.testing.assert_allclose(got, [0.0, mlp, attn, mlp, attn], rtol=1e-6)
+    with pytest.raises(NotImplementedError, match="group"):
+        jl.linearized_outputs(net, ones, ones, jnp.ones((2, 4, 8)), jnp.ones(5, bool))
+
+
 def test_first_order_expansion_in_the_weights():
     """A linear layer is affine in its weights, so its expansion is exact; for tanh layers
     the error is second order in the weight change."""
@@ -237,3 +249,16 @@ def test_a_brought_model_trains_and_its_parameter_free_layers_get_nan(toy):
     # GSC-paper order: f_0 = the last dense layer, f_1 = dense + tanh, f_2 = tanh (no params)
     assert np.isnan(h.grad_norm[-1, 2]) and np.isnan(h.update_ratio[-1, 2])
     assert np.all(h.grad_norm[-1, :2] > 0) and np.all(h.update_ratio[-1, :2] > 0)
+
+
+def test_a_diverging_run_warns_and_bad_counts_are_refused():
+    """An absurd learning rate makes the loss non-finite: a warning naming the run, not a
+    silent NaN history; negative sample or probe counts are errors naming the argument."""
+    net = jl.mlp(3, 8, "relu", in_dim=4)
+    data = jl.gaussian_data(jax.random.PRNGKey(0), num_train=32, num_test=8, dim=4)
+    params = jax.tree_util.tree_map(lambda a: a[None], net.init(jax.random.PRNGKey(1)))
+    keys = jax.random.split(jax.random.PRNGKey(2), 1)
+    with pytest.warns(RuntimeWarning, match=r"run\(s\) \[0\] of 1"):
+        jl.train_runs(net, params, data, keys=keys, learning_rates=[1e30], steps=5)
+    with pytest.raises(ValueError, match="gsc_samples"):
+        jl.train_runs(net, params, data, keys=keys, learning_rates=[0.1], gsc_samples=-1)

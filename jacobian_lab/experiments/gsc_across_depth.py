@@ -290,7 +290,6 @@ def verdicts(data: dict) -> list[Verdict]:
                 + ", ".join(
                     f"{a} {rows[a]['rate_mean']:.4f} vs {rows[a]['rate_theory']:.4f}" for a in worst
                 ),
-                claims=("P1", "P4"),
             )
         )
     return out

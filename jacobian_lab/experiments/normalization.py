@@ -140,10 +140,9 @@ def _predicted(unit: dict, sigma_w: float, q1: float) -> float | None:
         profile = meanfield.gsc_profile(act, sigma_w, 0.0, unit["depth"], q1)
         return float(np.asarray(jl.growth_rate(profile).rate))
     extra = {"batch_size": unit["batch"]} if norm == "batch" else {}
-    try:
-        return float(jl.gsc_growth_rate(act, sigma_w, 0.0, norm, **extra))
-    except (ValueError, TypeError):  # no batch-norm theory in this version
-        return None
+    if norm == "batch" and unit["batch"] < meanfield.MIN_BATCH_SIZE:
+        return None  # no batch-norm mean field below 4 (an infinite rate)
+    return float(jl.gsc_growth_rate(act, sigma_w, 0.0, norm, **extra))
 
 
 def compute(unit: dict) -> dict:
@@ -348,7 +347,14 @@ def verdicts(data: dict) -> list[Verdict]:
     acts = list(dict.fromkeys(a for a, _, _ in cells))
     if not acts:
         return out
-    full = [a for a in acts if all((a, s, n) in cells for s in SKIPS for n in NORMS)]
+    measured = lambda c: c.get("rate") is not None and np.isfinite(c["rate"])  # noqa: E731
+    full = [
+        a
+        for a in acts
+        if all((a, s, n) in cells and measured(cells[(a, s, n)]) for s in SKIPS for n in NORMS)
+    ]
+    if not full:  # a missing or non-finite cell: no verdict rather than a vacuous one
+        return out
     table = "; ".join(
         f"{a}: " + ", ".join(f"{s}/{n} {_fmt(cells[(a, s, n)])}" for s in SKIPS for n in NORMS)
         for a in full

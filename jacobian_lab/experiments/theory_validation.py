@@ -607,7 +607,6 @@ def verdicts(data: dict) -> list[Verdict]:
                 f"{100 * worst['relative_deviation']:.2f}% ({worst['setting']}: predicted "
                 f"{worst['predicted']:.4f}, measured {worst['measured']:.4f} +- "
                 f"{worst['se']:.4f})",
-                claims=("P1",),
             )
         )
     for prefix, claim, ids in (
@@ -615,7 +614,7 @@ def verdicts(data: dict) -> list[Verdict]:
             "batch-",
             "Batch-norm mean field (Yang et al. 1902.08129) predicts the GSC growth of "
             "batch-normalized MLPs at every batch size",
-            ("P1",),
+            (),
         ),
         (
             "resnet-",

@@ -324,7 +324,6 @@ def verdicts(data: dict) -> list[Verdict]:
                     if "sigmoid" in plain
                     else ""
                 ),
-                claims=("D2.1",),
             )
         )
     pairs = [f for f in dict.fromkeys(f for f, _ in rows) if row(f, "plain") and row(f, "resnet")]
