@@ -88,7 +88,7 @@ from jacobian_lab.model import (
     Params,
     apply_unit,
     forward,
-    unit_of,
+    units_of,
     walk,
 )
 from jacobian_lab.residual import require_blocks
@@ -307,17 +307,11 @@ def dilution(net: Model, params: Params, x, *, fit: str = "jacobian") -> Dilutio
             )
     elif n < 2:
         raise ValueError(f"fit='jacobian' averages Jacobians over samples: x gives {n}; pass >= 2")
-    units = [u for s in net.stages for u in _as_tuple(unit_of(s))]
+    units = [u for s in net.stages for u in units_of(s)]
     post = any(isinstance(u, Block) and u.post is not None for u in units)
     shares, parts, ok = _dilution(net, params, xs, batch=batch, fit=fit, post=post)
     check_finite(ok, net)
     return Dilution(*shares, *(parts or [None] * 4), n)
-
-
-def _as_tuple(unit) -> tuple:
-    """The units of a stage: one layer or block, or a group's (Layer and Block are
-    NamedTuples themselves, so they are tested first)."""
-    return (unit,) if isinstance(unit, Layer | Block) else tuple(unit)
 
 
 # -- the add node ---------------------------------------------------------------------

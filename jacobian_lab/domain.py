@@ -50,6 +50,10 @@ def mean_pairwise_cosine(h: jax.Array) -> jax.Array:
     B = h.shape[-2]
     if B < 2:
         raise ValueError("the pairwise cosine needs at least 2 inputs")
+    # scaled by each row's largest entry first: a row whose norm overflows (entries finite)
+    # keeps its direction instead of becoming 0; a zero row stays 0/0 = NaN
+    m = jnp.max(jnp.abs(h), axis=-1, keepdims=True)
+    h = h / jnp.where(m > 0, m, 1)
     u = h / jnp.linalg.norm(h, axis=-1, keepdims=True)
     gram = u @ jnp.swapaxes(u, -1, -2)
     off_diagonal = jnp.sum(gram, axis=(-2, -1)) - jnp.trace(gram, axis1=-2, axis2=-1)

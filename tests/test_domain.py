@@ -69,3 +69,11 @@ def test_one_pass_gives_the_activations_of_the_forward_pass(key):
     acts, pre = net.activations_and_preactivations(params, x)
     np.testing.assert_allclose(acts, net.activations(params, x), rtol=1e-13)
     np.testing.assert_allclose(pre, net.preactivations(params, x), rtol=1e-13)
+
+
+def test_pairwise_cosine_keeps_rows_whose_norm_overflows():
+    """Entries of 1e30 are finite in float32 but their norm (~2e30 * sqrt(d)) squared is
+    not: identical rows still have cosine 1, opposite rows -1 (not 0 from inf / inf)."""
+    row = jnp.full((4,), 1e30, jnp.float32)
+    assert float(mean_pairwise_cosine(jnp.stack([row, row]))) == pytest.approx(1.0, abs=1e-6)
+    assert float(mean_pairwise_cosine(jnp.stack([row, -row]))) == pytest.approx(-1.0, abs=1e-6)
