@@ -73,6 +73,7 @@ from jacobian_lab.random_matrix import (
     jacobian_spectral_density,
     marchenko_pastur_density,
 )
+from jacobian_lab.reading import ReadError, tap
 from jacobian_lab.residual import (
     BlockGSC,
     BlockJacobianStats,
@@ -140,6 +141,7 @@ __all__ = [
     "PairJacobians",
     "PathGradients",
     "Pythagorean",
+    "ReadError",
     "Repeat",
     "Residual",
     "Spectrum",
@@ -204,6 +206,7 @@ __all__ = [
     "slq_spectrum",
     "spectral_density",
     "spectrum_summary",
+    "tap",
     "token_cosine",
     "token_statistics",
     "transformer",

@@ -53,6 +53,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jacobian_lab import frontends, reading
 from jacobian_lab.adapters import (
     Adapted,
     Coupling,
@@ -60,6 +61,7 @@ from jacobian_lab.adapters import (
     as_layer,
     batch_coupling,
     children,
+    is_pair,
     same_ident,
 )
 from jacobian_lab.checks import is_traced
@@ -73,22 +75,28 @@ from jacobian_lab.model import (
     spec_of,
     stage_size,
     tracer_hint,
-    unit_of,
+    units_of,
 )
 
 
 class Residual(NamedTuple):
-    """A residual block ``h -> skip(h) + branch(h)``: mark a layer of :func:`chain`.
+    """A residual block ``h -> post(skip(h) + branch(h))``: mark a layer of :func:`chain`.
 
     Fields:
         branch: the residual branch ``r``, a layer in any form :func:`chain` accepts (a
             container is applied as one function).
         skip: the skip connection (a layer, e.g. a projection), or ``None`` for the
             identity.
+        post: what follows the sum, or ``None``: the activation of a post-activation
+            block (the original ResNet's), or a Post-LN transformer sublayer's layer norm
+            ``LN(h + F(h))`` with its params. The block's Jacobian is then
+            ``J_post (J_skip + J_branch)``; the diagnostics whose prediction assumes
+            ``skip + branch`` say so.
     """
 
     branch: Any
     skip: Any = None
+    post: Any = None
 
 
 class repeat(NamedTuple):  # noqa: N801 - used as a function, jl.repeat([...])
@@ -108,15 +116,44 @@ class Chain(Model):
 
     Fields:
         stages: the stages (:mod:`jacobian_lab.model`).
-        names: one name per layer output, from the input.
+        names: one name per layer output, from the input (the submodule paths for a
+            whole model read by ``chain(model, x)``).
         batch_coupled: whether one sample is a whole batch (batch statistics; see the
             module docstring).
+        params_spec: the expected params (shapes and dtypes).
+        layout: ``None``: the params are a tuple with one entry per stage (a list of
+            layers). For a whole model read by ``chain(model, x)``, the params are the
+            model's own, and ``layout`` says which of their leaves each stage reads
+            (:class:`~jacobian_lab.reading.Read`); a leaf read by several layers (a tied
+            embedding) is one leaf, so its gradient is summed and training keeps it tied.
+        sample: a read model's analysed input ``f_L``, one sample (shapes and dtypes).
+        ids: the token ids a read language model takes, one sample, or ``None``.
+        embed: for token ids, ``(params, ids) -> f_L`` on one sample (the stem).
+        ident: what the model computes apart from its params, for a read model: two
+            chains with equal idents are equal (and hash alike), so compiled programs are
+            shared between them (one per seed, or one rebuilt). ``None``: equal only to
+            itself.
+        report: one line per automatic choice the reading made.
     """
 
     stages: tuple
     names: tuple[str, ...]
     batch_coupled: bool = False
     params_spec: Any = field(default=None, compare=False)
+    layout: tuple | None = None
+    sample: Any = None
+    ids: Any = None
+    embed: Any = None
+    ident: Any = None
+    report: tuple = ()
+
+    def __eq__(self, other) -> bool:
+        if self.ident is None or not isinstance(other, Chain):
+            return self is other
+        return self.ident == other.ident
+
+    def __hash__(self) -> int:
+        return id(self) if self.ident is None else hash(self.ident)
 
     @property
     def dtype(self) -> str | None:
@@ -126,12 +163,26 @@ class Chain(Model):
         return floats[-1] if floats else None
 
     def stage_params(self, params: Params) -> tuple:
+        if self.layout is not None:
+            return reading.stage_params(self.layout, self.stages, params)
         if not isinstance(params, tuple | list):
             raise TypeError(
                 f"a chain's params are a tuple with one entry per stage, got "
                 f"{type(params).__name__}"
             )
         return tuple(params)
+
+    def embed_inputs(self, params: Params, x: Any) -> Any:
+        """Token ids (integer ``x``, leaves ``(S, *ids_shape)``) through the stem of a read
+        language model, one sample at a time: ``f_L`` with leaves ``(S, *sample_shape)``.
+        Anything else is returned as it is."""
+        if self.embed is None or not any(
+            hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.integer)
+            for v in jax.tree_util.tree_leaves(x)
+        ):
+            return x
+        _check_sample_shapes(x, self.ids, "token ids x")
+        return jax.vmap(lambda xi: self.embed(params, xi))(x)
 
     def samples(self, x: Any) -> Any:
         """``x`` split into samples: for a per-example chain ``x`` itself (leaves
@@ -154,6 +205,8 @@ class Chain(Model):
             )
         if batch and sizes.pop() < 2:
             raise ValueError("batch norm needs a batch of at least 2 inputs")
+        if self.sample is not None:
+            _check_sample_shapes(x, self.sample, "x")
         if not any(is_traced(v) for v in leaves):
             check_no_leaked_tracers(self)
         return jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], x) if batch else x
@@ -164,6 +217,20 @@ class Chain(Model):
         return forward(self, params, x)[0]
 
 
+def _check_sample_shapes(x, spec, what: str) -> None:
+    """Raise ``ValueError`` unless the leaves of ``x`` are ``(S, *shape)`` for the shapes of
+    one sample in ``spec`` (a read model is specialized to its example's shapes)."""
+    got = [tuple(jnp.shape(v))[1:] for v in jax.tree_util.tree_leaves(x)]
+    want = [tuple(s.shape) for s in jax.tree_util.tree_leaves(spec)]
+    if jax.tree_util.tree_structure(x) != jax.tree_util.tree_structure(spec) or got != want:
+        raise ValueError(
+            f"{what} has samples of shape {got[0] if len(got) == 1 else got}, but this model "
+            f"was read at {want[0] if len(want) == 1 else want}: a model read by "
+            "jl.chain(model, x) is specialized to the sample shape of its example x (and "
+            "the batch size, for batch statistics); read it again with an x of this shape"
+        )
+
+
 class _Piece(NamedTuple):
     unit: Layer | Block
     params: Any
@@ -172,17 +239,55 @@ class _Piece(NamedTuple):
 
 
 def chain(
-    layers: Sequence[Any],
-    names: Sequence[str] | None = None,
+    model: Any,
+    x: Any = None,
     *,
+    names: Sequence[str] | None = None,
+    at: Any = None,
     stack: bool = True,
     state: Any = None,
     batch_coupled: bool | None = None,
-) -> tuple[Chain, tuple]:
-    """Describe a layered model as a :class:`Chain` and collect its params.
+    batched: bool | None = None,
+    args: Sequence[Any] = (),
+    kwargs: dict | None = None,
+) -> tuple[Chain, Any]:
+    """Read a model into a :class:`Chain` and collect its params.
+
+    Two ways in:
+
+    * ``chain(model, x)``: **a whole model, as written** (see "Reading a whole model"
+      below): a Flax linen module bound to its variables (``Net().bind(variables)``, or
+      ``(Net(), variables)``), a Flax NNX module, an Equinox module, or a plain-JAX
+      ``(apply, params)`` pair whose ``apply`` marks its layer outputs with
+      :func:`~jacobian_lab.tap`. ``x`` is example inputs with a leading sample axis (one
+      batch for a model with batch statistics; integer token ids for a language model).
+    * ``chain([layer, ...])``: **a list of layers** you name yourself (below).
+
+    **Reading a whole model** (:mod:`jacobian_lab.reading`). The model is traced once on
+    ``x`` with every submodule call marked, and its program is cut at the *layer
+    outputs*: by default the inputs of its repeated blocks (the submodules of one class
+    called in sequence at the shallowest level where some class repeats: BasicBlocks,
+    transformer blocks, Mixer blocks, the Dense layers of an MLP), or those chosen by
+    ``at``. What runs before the first block is the *stem* (one layer), after the last
+    the *head* (one layer); a stem or head without params joins the block next to it;
+    code between two blocks joins the block before it. Inside a block, each residual add
+    (``x + branch(x)``, in the block or in its parent, found in the program) makes a
+    residual unit :class:`~jacobian_lab.model.Block` with its own layer output, so a
+    transformer block gives an attention and an MLP sublayer; what follows an add up to
+    the next unit is its ``post`` (a Post-LN norm, a post-activation); a projection
+    shortcut is the skip. Identical units are stacked and scanned (also alternating
+    groups). The layer names are the submodule paths (``blocks.3.attn``). The read model
+    is checked to reproduce the model's own output on ``x`` (to ``1e-10`` of its
+    largest entry in float64, ``1e-4`` in float32), and a value that bypasses a layer
+    output (a DenseNet or U-Net skip) is refused by name. Its params are **the model's
+    own** (``variables`` for linen, the float ``nnx.State`` for NNX, the inexact arrays
+    of an Equinox model, ``params`` of a pair): another seed's params of the same
+    structure fit the same chain. A read model is specialized to the sample shape of
+    ``x`` (and the batch size for batch statistics).
 
     Args:
-        layers: the layers, from the input to the output. Each is one of:
+        model: a whole model (with ``x``), or a list of layers (without it). Each layer
+            of a list is one of:
 
             * a callable ``h -> h'`` without parameters (e.g. ``jax.nn.relu``);
             * a pair ``(apply, params)`` with ``apply(params, h) -> h'``: a plain JAX
@@ -196,10 +301,19 @@ def chain(
               ``Linear, relu`` counts as one layer as in the GSC paper, whose
               pre-activation is the ``Linear`` output (give it as ``(apply, ())`` to keep
               it a layer of its own);
-            * :class:`Residual` ``(branch, skip)`` of any of these;
+            * :class:`Residual` ``(branch, skip, post)`` of any of these;
             * :func:`repeat` ``([layer, ...])``: layers to stack into one scanned stage.
-        names: one name per layer after expansion (default ``"layer<i>"`` /
-            ``"block<i>"``). These name the layers in error messages.
+
+            A container may also be passed alone, without a list.
+        x: example inputs, to read a whole model (leaves ``(S, *sample_shape)``).
+        names: one name per layer output (default: the submodule paths of a read model;
+            ``"layer<i>"`` / ``"block<i>"`` for a list). These name the layers in results
+            and error messages.
+        at: which submodule calls are the layer outputs of a read model: a module class,
+            a tuple of classes, a predicate on the submodule path
+            (``lambda path: path.startswith("blocks.")``), or ``"all"`` (every call of a
+            module that calls no other); for a plain-JAX model, a predicate on the
+            :func:`~jacobian_lab.tap` names. Default: the repeated blocks, or every tap.
         stack: stack runs of identical consecutive layers into scanned stages.
         state: the ``equinox.nn.State`` of an Equinox model holding state (a
             ``BatchNorm``; see the module docstring). Each stateful layer is called as
@@ -210,19 +324,53 @@ def chain(
         batch_coupled: ``None`` finds out (see the module docstring); ``True`` makes one
             sample a whole batch whatever the layers are; ``False`` fails if a layer
             normalizes with batch statistics.
+        batched: whether a whole model takes a batch (a leading axis over inputs, as
+            Flax models are written: the default for Flax and plain JAX) or one input
+            (as Equinox models are written: the default for Equinox). A batched model is
+            read on one input at a time with a batch axis of 1.
+        args, kwargs: more positional and keyword arguments of the model's call
+            (``kwargs={"train": False}``, ``{"deterministic": True}``, a mask). Dropout is
+            off by default (:mod:`jacobian_lab.frontends`).
 
     Returns:
-        ``(chain, params)``: the description and a tuple with one params pytree per
-        stage (a repeated stage's params stacked on a leading axis; a residual block's
-        ``{"branch": ..., "skip": ...}``). Pass both to any function that takes
-        ``(net, params, x)``.
+        ``(chain, params)``: the description and its params: for a read model the
+        model's own params; for a list, a tuple with one params pytree per stage (a
+        repeated stage's params stacked on a leading axis; a residual block's
+        ``{"branch": ..., "skip": ...}``, with ``"post"`` when given). Pass both to any
+        function that takes ``(net, params, x)``.
 
     Raises:
-        TypeError: a layer of a kind jacobian_lab cannot read, with what it accepts; an
-            Equinox model holding state without ``state``.
-        ValueError: ``batch_coupled`` is needed and not given, or contradicts a layer.
+        TypeError: a layer or model of a kind jacobian_lab cannot read, with what it
+            accepts; a whole model without ``x``; an Equinox model holding state
+            without ``state``.
+        ValueError: ``batch_coupled`` is needed and not given, or contradicts a layer;
+            :class:`~jacobian_lab.reading.ReadError` (a ``ValueError``): a model that
+            cannot be read as asked (fewer than two layer outputs, a skip that bypasses
+            a layer output, layer outputs out of sequence, a model drawing random
+            numbers, a read model that does not reproduce the model's output), naming
+            the submodules and the argument that changes it.
     """
-    if not isinstance(layers, list | tuple) or isinstance(layers, repeat):
+    if x is not None:
+        return _read(model, x, names, at, stack, state, batch_coupled, batched, args, kwargs)
+    if at is not None or batched is not None or args or kwargs:
+        raise TypeError(
+            "at=, batched=, args= and kwargs= are for reading a whole model: pass example "
+            "inputs too, jl.chain(model, x, ...)"
+        )
+    layers = model
+    if not isinstance(layers, list | tuple | Residual | repeat) and children(layers) is None:
+        raise TypeError(
+            f"jl.chain(model) got one {type(layers).__name__}: to read a whole model, pass "
+            "example inputs with a leading sample axis, jl.chain(model, x); to list the "
+            "layers yourself, pass a list, jl.chain([layer, ...])"
+        )
+    if is_pair(layers):
+        raise TypeError(
+            "jl.chain((apply, params)) reads a whole plain-JAX model: pass example inputs, "
+            "jl.chain((apply, params), x), and mark the layer outputs inside apply with "
+            "jl.tap(h); for a one-layer chain pass a list, jl.chain([(apply, params)])"
+        )
+    if not isinstance(layers, list | tuple) or isinstance(layers, repeat | Residual):
         layers = [layers]
     mode = _mode(list(layers), state, batch_coupled)
     pieces = _expand(list(layers), mode)
@@ -243,6 +391,56 @@ def chain(
     return Chain(tuple(stages), names, mode.batch, spec_of(tuple(params))), tuple(params)
 
 
+def _read(model, x, names, at, stack, state, batch_coupled, batched, args, kwargs):
+    """A whole model read by :mod:`jacobian_lab.reading` (see :func:`chain`)."""
+    if isinstance(model, list | Residual | repeat) or (
+        isinstance(model, tuple) and not (len(model) == 2 and callable(model[0]))
+    ):
+        raise TypeError(
+            "x is for reading a whole model, jl.chain(model, x); a list of layers is read "
+            "without it, jl.chain([layer, ...])"
+        )
+    mf = frontends.function_of(
+        model, batched=batched, state=state, args=tuple(args), kwargs=dict(kwargs or {})
+    )
+    found = reading.read_model(mf, x, at=at, batch_coupled=batch_coupled, stack=stack)
+    read = found.read
+    labels = read.names if names is None else tuple(str(n) for n in names)
+    if len(labels) != len(read.names):
+        raise ValueError(
+            f"got {len(labels)} names for the {len(read.names)} layer outputs found "
+            f"({', '.join(read.names)})"
+        )
+    spec = spec_of(mf.params)
+
+    def shapes(tree):
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        return treedef, tuple((tuple(a.shape), str(a.dtype)) for a in leaves)
+
+    ident = (
+        mf.library,
+        read.key,
+        labels,
+        found.batch_coupled,
+        shapes(spec),
+        shapes(found.sample),
+        None if found.ids is None else shapes(found.ids),
+    )
+    net = Chain(
+        read.stages,
+        labels,
+        found.batch_coupled,
+        spec,
+        layout=read.layout,
+        sample=found.sample,
+        ids=found.ids,
+        embed=found.embed,
+        ident=ident,
+        report=found.report,
+    )
+    return net, mf.params
+
+
 def _mode(layers: list, state: Any, batch_coupled: bool | None) -> Mode:
     """Whether the chain is batch-coupled (see :func:`chain`), and the Equinox batch axis."""
     found: list[Coupling] = []
@@ -251,7 +449,7 @@ def _mode(layers: list, state: Any, batch_coupled: bool | None) -> Mode:
         if isinstance(layer, repeat):
             parts = list(layer.layers)
         elif isinstance(layer, Residual):
-            parts = [p for p in (layer.branch, layer.skip) if p is not None]
+            parts = [p for p in (layer.branch, layer.skip, layer.post) if p is not None]
         else:
             parts = children(layer)
         if parts is not None:
@@ -356,13 +554,18 @@ def _single(layer, what: str, mode: Mode) -> Adapted:
 def _block(layer: Residual, run: int | None, mode: Mode) -> _Piece:
     b = _single(layer.branch, "the branch of a Residual", mode)
     s = None if layer.skip is None else _single(layer.skip, "the skip of a Residual", mode)
+    q = None if layer.post is None else _single(layer.post, "the post of a Residual", mode)
     branch = lambda p, h: b.apply(p["branch"], h)  # noqa: E731
     skip = None if s is None else (lambda p, h: s.apply(p["skip"], h))
+    post = None if q is None else (lambda p, z: q.apply(p["post"], z))
     params = {"branch": b.params, "skip": None if s is None else s.params}
+    if q is not None:
+        params["post"] = q.params
+    parts = (b, s, q)
     ident = None
-    if b.ident is not None and (s is None or s.ident is not None):
-        ident = ("block", b.ident, None if s is None else s.ident)
-    return _Piece(Block(branch, skip), params, ident, run)
+    if all(a is None or a.ident is not None for a in parts):
+        ident = ("block", *(None if a is None else a.ident for a in parts))
+    return _Piece(Block(branch, skip, post), params, ident, run)
 
 
 def _group(pieces: list[_Piece], stack: bool) -> tuple[list, list]:
@@ -405,10 +608,10 @@ def check_no_leaked_tracers(model: Model) -> None:
     one that escaped the transformation that made it."""
     i = 0
     for stage in model.stages:
-        unit = unit_of(stage)
-        fns = (unit.apply,) if isinstance(unit, Layer) else (unit.branch, unit.skip, unit.post)
-        if any(_holds_tracer(f, depth=6) for f in fns if f is not None):
-            raise tracer_hint(None, i, model.names[i])
+        for unit in units_of(stage):
+            fns = (unit.apply,) if isinstance(unit, Layer) else (unit.branch, unit.skip, unit.post)
+            if any(_holds_tracer(f, depth=6) for f in fns if f is not None):
+                raise tracer_hint(None, i, model.names[i])
         i += stage_size(stage)
 
 

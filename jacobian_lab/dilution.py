@@ -364,7 +364,7 @@ def _split_tap(unit, p, h, g_y):
     r, pull_r = jax.vjp(lambda u: unit.branch(p, u), h)
     g_z = g_y
     if unit.post is not None:
-        _, pull_post = jax.vjp(unit.post, jax.tree_util.tree_map(jnp.add, s, r))
+        _, pull_post = jax.vjp(lambda z: unit.post(p, z), jax.tree_util.tree_map(jnp.add, s, r))
         (g_z,) = pull_post(g_y)
     a, b, c = _flat(g_z), _flat(pull_s(g_z)[0]), _flat(pull_r(g_z)[0])
     m = jnp.maximum(jnp.max(jnp.abs(b)), jnp.max(jnp.abs(c)))

@@ -135,7 +135,7 @@ def _record_tap(jac: bool, blocks: bool, pre: bool) -> Tap:
             out = z
         else:
             z_flat, unravel_z = ravel_pytree(z)
-            J_post, out, _ = value(lambda v: (unit.post(unravel_z(v)), None), z_flat)
+            J_post, out, _ = value(lambda v: (unit.post(p, unravel_z(v)), None), z_flat)
             J = None if J is None else J_post @ J
         return out, Record(_flat(out), J, None, flat, _flat(s), _flat(r), J_s, J_r)
 
@@ -360,6 +360,13 @@ def _check_input_leaf(v, dtype, name: str):
             f"{name} must be an array (jax or numpy), got {type(v).__name__}: use "
             f"jnp.asarray({name.split('[')[0]})"
         )
+    if jnp.issubdtype(v.dtype, jnp.integer) or jnp.issubdtype(v.dtype, jnp.bool_):
+        raise TypeError(
+            f"{name} holds {v.dtype} values, but the analysis differentiates with respect "
+            "to its input, which must be real floats. Token ids: read the whole language "
+            "model with jl.chain(model, ids) and the analysis starts at the embedding's "
+            "output; or pass that output (the embedded tokens) as x yourself"
+        )
     if not jnp.issubdtype(v.dtype, jnp.floating):
         kind = "complex" if jnp.issubdtype(v.dtype, jnp.complexfloating) else str(v.dtype)
         raise TypeError(
@@ -391,6 +398,7 @@ def prepare(model: Model, params, x):
     batch ``(B, ...)`` or ``S`` batches ``(S, B, ...)`` (one sample is a batch).
     """
     check_params(model, params)
+    x = model.embed_inputs(params, x)
     dtype = compute_dtype(model)
     if isinstance(x, list) and getattr(model, "example_shape", None) is not None:
         raise TypeError("x must be an array (jax or numpy), got list: use jnp.asarray(x)")

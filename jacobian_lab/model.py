@@ -4,7 +4,7 @@
 
     model  = (stage, stage, ...)                  applied in order to one sample
     stage  = Layer(apply)                         h -> apply(p, h)              1 layer output
-           | Block(branch, skip=None, post=None)  h -> post(skip(p, h) + branch(p, h))
+           | Block(branch, skip=None, post=None)  h -> post(p, skip(p, h) + branch(p, h))
                                                                                 1 layer output
            | Repeat(Layer | Block, n)             n copies with stacked params under
                                                   lax.scan                      n layer outputs
@@ -60,18 +60,20 @@ class Layer(NamedTuple):
 
 
 class Block(NamedTuple):
-    """A residual block, ``h -> post(skip(p, h) + branch(p, h))``: one layer output.
+    """A residual block, ``h -> post(p, skip(p, h) + branch(p, h))``: one layer output.
 
     Fields:
         branch: ``(p, h) -> r`` (``p`` is the block's params; the branch picks its part).
         skip: ``(p, h) -> s``, or ``None`` for the identity ``s = h``.
-        post: a parameter-free ``z -> h'`` after the sum (the original ResNet's
-            activation), or ``None`` (a pre-activation block, output ``s + r``).
+        post: ``(p, z) -> h'`` after the sum ``z = s + r`` (the original ResNet's
+            activation, a Post-LN transformer's layer norm with its params), or ``None``
+            (a pre-activation block, output ``s + r``). With a post, the block's Jacobian
+            is ``J_post (J_s + J_r)``, not ``J_s + J_r``.
     """
 
     branch: Apply
     skip: Apply | None = None
-    post: Callable[[Any], Any] | None = None
+    post: Apply | None = None
 
 
 class Repeat(NamedTuple):
@@ -131,6 +133,13 @@ class Model:
 
     params_spec: Any = None
     """The expected params: a pytree of ``jax.ShapeDtypeStruct`` (see :func:`spec_of`)."""
+
+    def embed_inputs(self, params: Params, x: Any) -> Any:
+        """The analysed input ``f_L`` for the inputs ``x`` as given: ``x`` itself, except
+        for a language model read from token ids (:meth:`~jacobian_lab.Chain.embed_inputs`),
+        whose ids go through its embedding."""
+        del params
+        return x
 
     def init(self, key: jax.Array) -> Params:
         """Draw params (built-in models; a chain's come with it)."""
@@ -209,7 +218,7 @@ def apply_unit(unit: Layer | Block, p, h):
     r = unit.branch(p, h)
     s = h if unit.skip is None else unit.skip(p, h)
     z = jax.tree_util.tree_map(jnp.add, s, r)
-    return z if unit.post is None else unit.post(z)
+    return z if unit.post is None else unit.post(p, z)
 
 
 def _apply_copy(units: tuple, ps: tuple, h):

@@ -109,7 +109,7 @@ class Network(Model):
     def stages(self) -> tuple:
         """The stages (see the module docstring)."""
         if self.residual:
-            post = get_activation(self.activation) if self.block_order == "post" else None
+            post = self.post_activation if self.block_order == "post" else None
             unit = Block(self.branch, None, post)
             return (Layer(self._linear), Repeat(unit, self.num_blocks))
         dense = Layer(self.dense, self.dense_with_preactivation)
@@ -206,6 +206,10 @@ class Network(Model):
         if self.residual:
             return self._linear(params["stem"], x)
         return self.dense(params["stem"], x)
+
+    def post_activation(self, unit_params: Params, z: jax.Array) -> jax.Array:
+        """A post-activation block's activation on ``z = f + alpha r(f)`` (no params)."""
+        return get_activation(self.activation)(z)
 
     def unit(self, unit_params: Params, h: jax.Array) -> jax.Array:
         """One repeated unit (dense layer or residual block) on ``h``."""

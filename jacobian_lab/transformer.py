@@ -201,6 +201,10 @@ class Transformer(Model):
         """Layer norm of every token (row) over its features, no affine part."""
         return normalize(h, (-1,), self.norm_eps)
 
+    def post_norm(self, p: Params, z: jax.Array) -> jax.Array:
+        """A Post-LN sublayer's layer norm of ``z = h + alpha F(h)`` (no params)."""
+        return self.token_norm(z)
+
     def final_norm(self, p: Params, h: jax.Array) -> jax.Array:
         """The Pre-LN transformer's final layer norm (``p`` is empty)."""
         return self.token_norm(h)
@@ -252,7 +256,7 @@ class Transformer(Model):
         }[sublayer]
         if not self.skips:
             return Layer(layer)
-        return Block(branch, None, self.token_norm if self.norm == "post" else None)
+        return Block(branch, None, self.post_norm if self.norm == "post" else None)
 
     # -- forward on a batch --------------------------------------------------------------
     def apply(self, params: Params, x: jax.Array) -> jax.Array:

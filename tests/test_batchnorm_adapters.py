@@ -144,20 +144,20 @@ def test_flax_linen_batch_norm_modes_it_cannot_see_and_running_averages(builtin,
         v["params"][f"Dense_{i}"] = {"kernel": W.T, "bias": b}
     bound = Compact().bind(v)
     with pytest.raises(ValueError, match="batch_coupled=True"):
-        jl.chain(bound)
-    # Told: one layer (the whole model), whose input-output Jacobian is the network's.
-    ch, cp = jl.chain(bound, batch_coupled=True)
-    assert ch.batch_coupled and ch.num_layers == 1
+        jl.chain([bound])  # as one layer of a list, the mode cannot be read
+    # Read whole on a batch, the BatchNorms are seen updating their statistics: one
+    # sample is the batch, and the layers (Dense + BatchNorm + relu) are the built-in's.
+    ch, cp = jl.chain(bound, x)
+    assert ch.batch_coupled and ch.num_layers == DEPTH
+    np.testing.assert_allclose(jl.gsc(ch, cp, x), jl.gsc(net, params, x), rtol=1e-9)
     np.testing.assert_allclose(
         jl.input_output_jacobian(ch, cp, x),
         jl.input_output_jacobian(net, params, x),
         rtol=1e-9,
         atol=1e-12,
     )
-    # Told wrong: running it shows the batch statistics, and the error says what to do.
-    ch, cp = jl.chain(bound, batch_coupled=False)
-    with pytest.raises(ValueError, match="batch_coupled=True"):
-        jl.gsc(ch, cp, x)
+    with pytest.raises(ValueError, match="batch_coupled=False, but"):
+        jl.chain(bound, x, batch_coupled=False)
 
     # Running averages: a per-example affine map, an ordinary layer.
     norm = nn.BatchNorm(use_running_average=True, use_scale=False, use_bias=False, epsilon=EPS)
@@ -169,7 +169,7 @@ def test_flax_linen_batch_norm_modes_it_cannot_see_and_running_averages(builtin,
     np.testing.assert_allclose(J, np.broadcast_to(np.diag(1 / np.sqrt(var + EPS)), J.shape))
     train = nn.BatchNorm(use_running_average=False, use_scale=False, use_bias=False)
     with pytest.raises(ValueError, match="batch_coupled=False, but"):
-        jl.chain(train.bind(train.init(key, x)), batch_coupled=False)
+        jl.chain([train.bind(train.init(key, x))], batch_coupled=False)
 
 
 def test_flax_nnx_batch_norm_matches_the_builtin_network(builtin):
