@@ -77,6 +77,7 @@ from jacobian_lab.reading import ReadError, tap
 from jacobian_lab.residual import (
     BlockGSC,
     BlockJacobianStats,
+    PostBlockWarning,
     Pythagorean,
     block_gsc,
     block_jacobian_stats,
@@ -140,6 +141,7 @@ __all__ = [
     "Operator",
     "PairJacobians",
     "PathGradients",
+    "PostBlockWarning",
     "Pythagorean",
     "ReadError",
     "Repeat",

@@ -164,6 +164,21 @@ class Model:
             i += stage_size(s)
         return tuple(sorted(self.num_layers - 1 - j for j in out))
 
+    @property
+    def block_posts(self) -> tuple[bool, ...]:
+        """For every residual block, in the order of :attr:`block_outputs` (nearest the
+        output first): whether it has a ``post`` (a post-activation or a Post-LN norm),
+        after which its output is not ``skip + branch``."""
+        posts = []
+        for s in self.stages:
+            units = units_of(s)
+            posts += [
+                units[j % len(units)].post is not None
+                for j in range(stage_size(s))
+                if isinstance(units[j % len(units)], Block)
+            ]
+        return tuple(posts[::-1])
+
     def layer_label(self, l: int) -> str:
         """A readable name of the layer whose output is ``f_l`` (GSC-paper index)."""
         L = self.num_layers

@@ -18,6 +18,7 @@ indexing).
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import NamedTuple
 
@@ -145,6 +146,10 @@ class BlockJacobianStats(NamedTuple):
         singular_values: ``(S, U, d)`` over the ``U`` blocks (see
             :func:`block_jacobian_stats`): singular values of the block's Jacobian
             ``d f_l / d f_{l+1}`` (``I + alpha dr/df`` without post-activation), descending.
+            A block whose Jacobian is ``d_out x d_in`` has ``min(d_out, d_in)`` of them;
+            when the blocks differ in size (a ResNet's stages, projection shortcuts), ``d``
+            is the largest and each block's row is padded with NaN after its own values
+            (:attr:`sizes`).
         gradient_ratio: ``(S, U)``; ``||g_{l+1}|| / ||g_l||`` where ``g_l`` is the
             gradient with respect to ``f_l`` of the loss ``<v, f_0>`` for a random
             Gaussian direction ``v`` at the output: the factor by which the block scales the
@@ -153,6 +158,11 @@ class BlockJacobianStats(NamedTuple):
 
     singular_values: jax.Array
     gradient_ratio: jax.Array
+
+    @property
+    def sizes(self) -> jax.Array:
+        """``(S, U)``: how many singular values each block has (the rest is NaN padding)."""
+        return jnp.sum(~jnp.isnan(self.singular_values), axis=-1)
 
 
 def block_layers(model: Model, tr) -> list[int]:
@@ -187,20 +197,14 @@ def _block_stats(model: Model, params: Params, xs, key):
     g0 = normal(key, out0.shape, out0.dtype)  # drawn in float32: the same in both precisions
     ratios = jax.vmap(backward_ratios)(jacs, g0)
     shapes = {r.jac.shape[2:] for r in tr.records}
-    per = per_layer(jacs) if len(shapes) == 1 else None
-    if per is None:
+    if len(shapes) == 1:
+        svals = jnp.linalg.svd(per_layer(jacs)[:, jnp.array(idx)], compute_uv=False)
+    else:  # blocks of several sizes (a ResNet's stages): each its own, padded with NaN
         chosen = [J for r in tr.records for J in jnp.moveaxis(r.jac, 1, 0)][::-1]
-        sel = [chosen[l] for l in idx]
-        if len({J.shape for J in sel}) != 1:
-            raise ValueError(
-                "block_jacobian_stats stacks the blocks' singular values and needs every "
-                "block to have one size; got Jacobians of shapes "
-                f"{sorted({J.shape[1:] for J in sel})}"
-            )
-        blocks = jnp.stack(sel, axis=1)
-    else:
-        blocks = per[:, jnp.array(idx)]
-    svals = jnp.linalg.svd(blocks, compute_uv=False)
+        each = [jnp.linalg.svd(chosen[l], compute_uv=False) for l in idx]
+        width = max(v.shape[-1] for v in each)
+        pad = lambda v: jnp.pad(v, ((0, 0), (0, width - v.shape[-1])), constant_values=jnp.nan)  # noqa: E731
+        svals = jnp.stack([pad(v) for v in each], axis=1)
     return BlockJacobianStats(svals, ratios[:, jnp.array(idx)]), finite_layers(tr)
 
 
@@ -251,6 +255,26 @@ class BlockGSC(NamedTuple):
     predicted: jax.Array
 
 
+class PostBlockWarning(UserWarning):
+    """A diagnostic's prediction assumes a block's output is ``skip + branch``, and some
+    blocks have a ``post`` (a post-activation, a Post-LN norm): those predictions are NaN."""
+
+
+def warn_post_blocks(model: Model, what: str) -> None:
+    """One :class:`PostBlockWarning` naming the blocks with a ``post``, if any."""
+    posts = [l for l, p in zip(model.block_outputs, model.block_posts, strict=True) if p]
+    if posts:
+        names = ", ".join(repr(model.names[model.num_layers - 1 - l]) for l in posts[:4])
+        more = f" and {len(posts) - 4} more" if len(posts) > 4 else ""
+        warnings.warn(
+            f"{what} assumes a block's output is skip + branch; {len(posts)} block(s) have a "
+            f"post (a post-activation or a Post-LN norm: {names}{more}), so their {what} is "
+            "NaN; the measured values are given",
+            PostBlockWarning,
+            stacklevel=3,
+        )
+
+
 @partial(jax.jit, static_argnums=0)
 def _block_gsc(model: Model, params: Params, xs):
     tr = trace(model, params, xs, blocks=True)
@@ -265,8 +289,10 @@ def _block_gsc(model: Model, params: Params, xs):
         # (1 + rho^2)), written without dividing by n_r.
         predicted = n_h / n_s * jnp.sqrt((qm_s**2 + qm_r**2) / (1 + rho**2))
         fields.append((qm_block * n_h / n_out, branch, rho, predicted))
-    joined = (per_layer(list(f)) for f in zip(*fields, strict=True))
-    return BlockGSC(*joined), finite_layers(tr), log_lengths(tr)
+    gsc, branch, rho, predicted = (per_layer(list(f)) for f in zip(*fields, strict=True))
+    post = jnp.asarray(model.block_posts)
+    predicted = jnp.where(post, jnp.nan, predicted)
+    return BlockGSC(gsc, branch, rho, predicted), finite_layers(tr), log_lengths(tr)
 
 
 def block_gsc(net: Model, params: Params, x) -> BlockGSC:
@@ -274,17 +300,22 @@ def block_gsc(net: Model, params: Params, x) -> BlockGSC:
 
     Args:
         net, params, x: as for every diagnostic (:func:`~jacobian_lab.driver.prepare`),
-            ``net`` with residual blocks without a post-activation (a
-            :func:`~jacobian_lab.resmlp` with ``block_order="pre"``, a chain with
-            :class:`~jacobian_lab.Residual` layers).
+            ``net`` with residual blocks (a :func:`~jacobian_lab.resmlp`, a chain with
+            :class:`~jacobian_lab.Residual` layers, a model read whole).
 
     Returns:
         :class:`BlockGSC`, fields ``(S, number of blocks)``, nearest the output first.
         With a skip ``s`` other than the identity (a projection), ``branch_ratio`` is
         ``||r|| / ||s||`` and the prediction weights the skip's own GSC
-        ``qm(J_s) ||f|| / ||s||`` in place of 1.
+        ``qm(J_s) ||f|| / ||s||`` in place of 1. For a block with a ``post`` (a
+        post-activation ResNet block, a Post-LN sublayer: output ``post(s + r)``),
+        ``gsc`` is measured across the whole block (post included), ``branch_gsc`` and
+        ``branch_ratio`` are the branch's, and ``predicted`` is NaN, since the
+        Pythagorean prediction needs the output to be ``s + r``
+        (:class:`PostBlockWarning` names those blocks).
     """
-    require_blocks(net, pre=True)
+    require_blocks(net)
+    warn_post_blocks(net, "the Pythagorean prediction of the block GSC")
     out, ok, log_len = _block_gsc(net, params, prepare(net, params, x))
     check_finite(ok, net)
     check_lengths(log_len, net)

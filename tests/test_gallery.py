@@ -26,12 +26,25 @@ GALLERY = pathlib.Path(__file__).resolve().parents[1] / "examples" / "gallery"
 F64 = jnp.float64
 
 
-def _gallery(name: str):
+def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"gallery_{name}", GALLERY / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+RUN = _load("run")
+# an "rbg" key: Flax's init of a ResNet-18 compiles in seconds instead of a minute on CPU
+KEY = jax.random.key(0, impl="rbg")
+
+
+def _read(name: str):
+    """``(gallery module, model, x, net, params, numbers)``: the gallery's own reading and
+    measurements at the tiny size in float64."""
+    model, x, net, params = RUN.read(name, "tiny", key=KEY, dtype="float64")
+    numbers = RUN.measure(net, params, x, key=jax.random.PRNGKey(3))
+    return _load(RUN.MODELS[name][0]), model, x, net, params, numbers
 
 
 def _gsc_by_hand(layers, xs) -> np.ndarray:
@@ -68,20 +81,31 @@ def _gsc_by_hand(layers, xs) -> np.ndarray:
     return np.asarray(jax.jit(jax.vmap(one))(xs))
 
 
-def _check(net, params, x, layers_of_sample, samples, rtol=1e-9):
-    g = np.asarray(jl.gsc(net, params, x, method="dense"))
+def _check(numbers, layers_of_sample, samples, rtol=1e-9):
+    """The gallery's GSC against the GSC by hand, and its other measurements against each
+    other: the all-pairs matrix's column ``l = 0`` is the GSC profile, the GSC across each
+    residual unit is the matrix's entry ``GSC(l+1, l)``, the matrix-free estimate is
+    within 5 standard errors of the exact value (summed over samples)."""
+    g = np.asarray(numbers["gsc"])
     want = _gsc_by_hand(layers_of_sample, samples)
     assert g.shape == want.shape, (g.shape, want.shape)
     np.testing.assert_allclose(g, want, rtol=rtol)
+    G = np.asarray(numbers["gsc_matrix"])
+    np.testing.assert_allclose(G[:, :, 0], g, rtol=1e-9)
+    if numbers["block_outputs"]:
+        ls = np.array(numbers["block_outputs"])
+        across = np.asarray(numbers["block_gsc"]["gsc"])
+        np.testing.assert_allclose(across, G[:, ls + 1, ls], rtol=1e-9)
+    est, err = (np.asarray(numbers["estimate"][f]) for f in ("value", "error"))
+    z = (est - g).sum(0)[1:] / np.sqrt((err**2).sum(0)[1:])
+    assert np.all(np.abs(z) < 5), z
 
 
 # -- plain JAX ----------------------------------------------------------------------------
 
 
 def test_plain_jax_loop_mlp_with_taps():
-    mod = _gallery("mlp_jax")
-    (apply, params), x = mod.make("tiny", dtype=F64)
-    net, p = jl.chain((apply, params), x)
+    _, (apply, params), x, net, p, numbers = _read("mlp_jax")
     assert net.names == ("tap0", "tap1", "tap2", "tap3", "head")
     assert p is params  # the model's own params
     np.testing.assert_allclose(
@@ -89,7 +113,7 @@ def test_plain_jax_loop_mlp_with_taps():
     )
     layers = [lambda h, q=q: jnp.tanh(h @ q["W"] + q["b"]) for q in params[:-1]]
     layers.append(lambda h: h @ params[-1]["W"] + params[-1]["b"])
-    _check(net, p, x, layers, x)
+    _check(numbers, layers, x)
 
 
 # -- Flax linen ResNet-18 ------------------------------------------------------------------
@@ -129,26 +153,24 @@ def _resnet_by_hand(mod, bound, train: bool):
 
 @pytest.mark.parametrize("train", [False, True], ids=["running-average", "batch-statistics"])
 def test_flax_linen_resnet18_compact_with_batchnorm(train):
-    mod = _gallery("resnet18_linen")
-    bound, x = mod.make("tiny", dtype=F64)
-    net, params = jl.chain(bound, x, kwargs={"train": train})
+    mod, bound, x, net, params, numbers = _read(
+        "resnet18_linen_batch_stats" if train else "resnet18_linen"
+    )
     assert net.batch_coupled == train
     assert net.names == ("stem", *(f"BasicBlock_{i}" for i in range(8)), "head")
     assert net.block_outputs == tuple(range(1, 9))
     layers = _resnet_by_hand(mod, bound, train)
     if train:  # one sample is the whole batch
-        _check(net, params, x, layers, x[None])
+        _check(numbers, layers, x[None])
     else:
-        _check(net, params, x, [lambda h, g=g: g(h[None])[0] for g in layers], x)
+        _check(numbers, [lambda h, g=g: g(h[None])[0] for g in layers], x)
 
 
 # -- Equinox ViT -----------------------------------------------------------------------------
 
 
 def test_equinox_vit_with_class_token_and_positions():
-    mod = _gallery("vit_equinox")
-    model, x = mod.make("tiny", dtype=F64)
-    net, params = jl.chain(model, x)
+    _, model, x, net, params, numbers = _read("vit_equinox")
     assert net.names == (
         "stem",
         "blocks.0.attention",
@@ -178,7 +200,7 @@ def test_equinox_vit_with_class_token_and_positions():
             )
         )
     layers.append(lambda h: model.head(model.norm(h[0])))
-    _check(net, params, x, layers, x)
+    _check(numbers, layers, x)
 
 
 # -- Flax NNX GPT-2, Post-LN, tied embedding, token ids ------------------------------------
@@ -187,9 +209,7 @@ def test_equinox_vit_with_class_token_and_positions():
 def test_flax_nnx_post_ln_gpt_on_token_ids():
     from flax import nnx
 
-    mod = _gallery("gpt2_nnx")
-    model, ids = mod.make("tiny", dtype=F64)
-    net, params = jl.chain(model, ids)
+    _, model, ids, net, params, numbers = _read("gpt2_nnx")
     assert net.names == (
         "blocks.0.attn",
         "blocks.0.[fc,proj]",
@@ -219,7 +239,7 @@ def test_flax_nnx_post_ln_gpt_on_token_ids():
     np.testing.assert_allclose(
         jax.vmap(lambda t: net.apply(params, embed(t)))(ids), want, rtol=1e-12
     )
-    _check(net, params, ids, layers, jax.vmap(embed)(ids))
+    _check(numbers, layers, jax.vmap(embed)(ids))
 
 
 def _compose(layers, h):
@@ -234,9 +254,7 @@ def _compose(layers, h):
 def test_flax_linen_mlp_mixer_written_for_a_batch():
     import flax.linen as nn
 
-    mod = _gallery("mixer_linen")
-    bound, x = mod.make("tiny", dtype=F64)
-    net, params = jl.chain(bound, x)
+    mod, bound, x, net, params, numbers = _read("mixer_linen")
     assert net.names == (
         "stem",
         "MixerBlock_0.token_mixing",
@@ -277,4 +295,4 @@ def test_flax_linen_mlp_mixer_written_for_a_batch():
             {"params": P["head"]}, jnp.mean(ln(P["pre_head_layer_norm"])(h), axis=0)
         )
     )
-    _check(net, params, x, layers, x)
+    _check(numbers, layers, x)

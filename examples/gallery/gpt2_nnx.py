@@ -33,7 +33,9 @@ class GPT(nnx.Module):
         self.wte = nnx.Embed(vocab, dim, param_dtype=dtype, dtype=dtype, rngs=rngs)
         self.wpe = nnx.Embed(context, dim, param_dtype=dtype, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.blocks = nnx.List([Block(dim, heads, dropout, rngs=rngs, dtype=dtype) for _ in range(depth)])
+        self.blocks = nnx.List(
+            [Block(dim, heads, dropout, rngs=rngs, dtype=dtype) for _ in range(depth)]
+        )
 
     def __call__(self, ids):  # (B, T) token ids
         mask = nnx.make_causal_mask(ids)
@@ -55,6 +57,12 @@ def make(size: str = "tiny", key=None, dtype=jnp.float32):
     cfg = dict(SIZES[size])
     key = jax.random.PRNGKey(0) if key is None else key
     batch = cfg.pop("batch")
-    model = GPT(**cfg, rngs=nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 7)), dtype=dtype)
+
+    @nnx.jit
+    def create(key):
+        rngs = nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 7))
+        return GPT(**cfg, rngs=rngs, dtype=dtype)
+
+    model = create(key)
     ids = jax.random.randint(jax.random.fold_in(key, 1), (batch, cfg["context"]), 0, cfg["vocab"])
     return model, ids

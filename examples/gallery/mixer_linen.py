@@ -57,8 +57,24 @@ class MlpMixer(nn.Module):
 
 
 SIZES = {
-    "tiny": {"image": 8, "patch": 4, "hidden": 8, "blocks": 2, "tokens": 8, "channels": 16, "batch": 3},
-    "small": {"image": 32, "patch": 4, "hidden": 64, "blocks": 8, "tokens": 32, "channels": 128, "batch": 8},
+    "tiny": {
+        "image": 8,
+        "patch": 4,
+        "hidden": 8,
+        "blocks": 2,
+        "tokens": 8,
+        "channels": 16,
+        "batch": 3,
+    },
+    "small": {
+        "image": 32,
+        "patch": 4,
+        "hidden": 64,
+        "blocks": 8,
+        "tokens": 32,
+        "channels": 128,
+        "batch": 8,
+    },
 }
 
 
@@ -68,7 +84,9 @@ def make(size: str = "tiny", key=None, dtype=jnp.float32):
     key = jax.random.PRNGKey(0) if key is None else key
     p = cfg["patch"]
     model = MlpMixer((p, p), 10, cfg["blocks"], cfg["hidden"], cfg["tokens"], cfg["channels"])
-    x = jax.random.normal(jax.random.fold_in(key, 1), (cfg["batch"], cfg["image"], cfg["image"], 3), dtype)
-    variables = model.init(key, x)
-    variables = jax.tree_util.tree_map(lambda a: a.astype(dtype), variables)
+    x = jax.random.normal(
+        jax.random.fold_in(key, 1), (cfg["batch"], cfg["image"], cfg["image"], 3), dtype
+    )
+    init = jax.jit(lambda k: jax.tree.map(lambda a: a.astype(dtype), model.init(k, x)))
+    variables = init(key)
     return model.bind(variables), x

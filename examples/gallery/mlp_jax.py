@@ -13,8 +13,11 @@ import jacobian_lab as jl
 
 def init(key, sizes, dtype=jnp.float32):
     params = []
-    for k, (m, n) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
-        params.append({"W": jax.random.normal(k, (m, n), dtype) / jnp.sqrt(m), "b": jnp.zeros(n, dtype)})
+    keys = jax.random.split(key, len(sizes) - 1)
+    for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True):
+        params.append(
+            {"W": jax.random.normal(k, (m, n), dtype) / jnp.sqrt(m), "b": jnp.zeros(n, dtype)}
+        )
     return params
 
 

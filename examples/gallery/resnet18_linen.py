@@ -68,6 +68,6 @@ def make(size: str = "tiny", key=None, dtype=jnp.float32):
     model = ResNet18(widths=cfg["widths"])
     x = jax.random.normal(jax.random.fold_in(key, 1), (cfg["batch"], cfg["image"], cfg["image"], 3))
     x = x.astype(dtype)
-    variables = model.init(key, x, train=False)
-    variables = jax.tree_util.tree_map(lambda a: a.astype(dtype), variables)
+    init = jax.jit(lambda k: jax.tree.map(lambda a: a.astype(dtype), model.init(k, x, train=False)))
+    variables = init(key)
     return model.bind(variables), x

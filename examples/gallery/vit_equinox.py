@@ -70,7 +70,11 @@ class VisionTransformer(eqx.Module):
         self.dropout = eqx.nn.Dropout(0.1)
 
     def __call__(self, x, key=None):  # one image (C, H, W)
-        keys = [None] * (len(self.blocks) + 1) if key is None else jax.random.split(key, len(self.blocks) + 1)
+        keys = (
+            [None] * (len(self.blocks) + 1)
+            if key is None
+            else jax.random.split(key, len(self.blocks) + 1)
+        )
         x = self.patch_embedding(x)
         x = jnp.concatenate([self.cls_token, x], axis=0)
         x = x + self.positional_embedding
@@ -82,7 +86,15 @@ class VisionTransformer(eqx.Module):
 
 SIZES = {
     "tiny": {"image": 8, "patch": 4, "dim": 8, "depth": 2, "heads": 2, "hidden": 16, "batch": 3},
-    "small": {"image": 32, "patch": 4, "dim": 64, "depth": 6, "heads": 4, "hidden": 128, "batch": 8},
+    "small": {
+        "image": 32,
+        "patch": 4,
+        "dim": 64,
+        "depth": 6,
+        "heads": 4,
+        "hidden": 128,
+        "batch": 8,
+    },
 }
 
 
@@ -91,7 +103,14 @@ def make(size: str = "tiny", key=None, dtype=jnp.float32):
     cfg = dict(SIZES[size])
     key = jax.random.PRNGKey(0) if key is None else key
     batch = cfg.pop("batch")
-    model = VisionTransformer(channels=3, classes=10, key=key, **cfg)
-    model = jax.tree_util.tree_map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, model)
+
+    @eqx.filter_jit
+    def create(key):
+        model = VisionTransformer(channels=3, classes=10, key=key, **cfg)
+        return jax.tree_util.tree_map(
+            lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, model
+        )
+
+    model = create(key)
     x = jax.random.normal(jax.random.fold_in(key, 1), (batch, 3, cfg["image"], cfg["image"]), dtype)
     return model, x
