@@ -1,7 +1,7 @@
 """Compile time and run time vs depth: layers under lax.scan compile in constant time.
 
 Run by hand:  python benchmarks/compile_time.py [--depths 10 1000] [--width 100]
-              [--brought-depths 8 64]
+              [--brought-depths 8 64] [--transformer-blocks 4 16]
 
 Built-in MLP (tanh + layer norm): one row per (function, depth): compile seconds (lower +
 compile of the public function under ``jax.jit`` after ``jax.clear_caches()``, the
@@ -20,6 +20,15 @@ first eager ``jl.gsc(net, params, x)`` (what a new user waits for), each the fas
 ``jax.clear_caches()``, and one untimed depth-2 run of each kind goes first, so that
 one-time costs (imports, Flax's and Equinox's first-use set-up) fall on no row. Prints
 the ratios of the largest depth to the smallest.
+
+Whole brought transformers, read by ``jl.chain(model, ids)``: the gallery's Flax NNX
+GPT-2-style decoder (``examples/gallery/gpt2_nnx.py``: Post-LN, causal attention, tied
+embedding, token ids) with --transformer-blocks blocks, width 64, 4 heads, 32 tokens.
+Each block gives two layer outputs (its attention and MLP sublayers), stacked as one
+alternating group under ``lax.scan``. Per row: the seconds of ``jl.chain`` (the trace and
+the check against the model's output), of the first ``jl.gsc`` (compile included), of
+``jl.gsc`` on a second read of the same architecture with other weights (the compiled
+program is shared: no compile), and XLA's compile of the jitted dense GSC.
 """
 
 from __future__ import annotations
@@ -201,6 +210,70 @@ def brought(depths, width, batch, repeats) -> None:
     print("\n".join(ratios))
 
 
+def transformers(blocks, repeats) -> None:
+    if nnx is None:
+        print("brought transformers: flax is not installed; skipped")
+        return
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "gallery" / "gpt2_nnx.py"
+    spec = importlib.util.spec_from_file_location("gallery_gpt2_nnx", path)
+    gpt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpt)
+
+    def make(depth, seed):
+        model = gpt.GPT(256, 32, 64, depth, 4, rngs=nnx.Rngs(seed))
+        ids = jax.random.randint(jax.random.PRNGKey(1), (4, 32), 0, 256)
+        return model, ids
+
+    print(
+        "\nwhole brought transformer (gallery gpt2_nnx: width 64, 4 heads, 32 tokens, 4 "
+        f"sequences), jl.chain(model, ids); each the fastest of {repeats}"
+    )
+    print(
+        f"{'blocks':>6}{'layers':>8}{'stages':>8}{'chain s':>9}{'first gsc s':>13}"
+        f"{'2nd read s':>12}{'XLA s':>8}"
+    )
+    make(2, 0)  # warm-up: one-time costs fall on no row
+    rows = {}
+    for depth in blocks:
+        best = {}
+        for _ in range(repeats):
+            jax.clear_caches()
+            model, ids = make(depth, 0)
+            t0 = time.perf_counter()
+            net, params = jl.chain(model, ids)
+            chain_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            jax.block_until_ready(jl.gsc(net, params, ids))
+            first_s = time.perf_counter() - t0
+            other, ids2 = make(depth, 1)
+            net2, params2 = jl.chain(other, ids2)
+            t0 = time.perf_counter()
+            jax.block_until_ready(jl.gsc(net2, params2, ids2))
+            second_s = time.perf_counter() - t0
+            xs = jax.vmap(lambda t, p=params, n=net: n.embed(p, t))(ids)
+            lowered = jax.jit(lambda p, x, n=net: jl.gsc(n, p, x, method="dense")).lower(params, xs)
+            t0 = time.perf_counter()
+            lowered.compile()
+            xla_s = time.perf_counter() - t0
+            r = {"chain": chain_s, "first": first_s, "second": second_s, "xla": xla_s}
+            best = {k: min(best.get(k, np.inf), v) for k, v in r.items()}
+        rows[depth] = best
+        print(
+            f"{depth:>6}{net.num_layers:>8}{_stages(net):>8}{best['chain']:>9.3f}"
+            f"{best['first']:>13.3f}{best['second']:>12.3f}{best['xla']:>8.3f}",
+            flush=True,
+        )
+    lo, hi = min(blocks), max(blocks)
+    a, b = rows[lo], rows[hi]
+    print(
+        f"ratios {hi} / {lo} blocks: first gsc {b['first'] / a['first']:.2f}x, XLA "
+        f"{b['xla'] / a['xla']:.2f}x, chain {b['chain'] / a['chain']:.2f}x"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="*", default=[10, 1000])
@@ -220,6 +293,13 @@ def main() -> None:
         help="depths of the brought Equinox / Flax NNX models (none: skip them)",
     )
     parser.add_argument(
+        "--transformer-blocks",
+        type=int,
+        nargs="*",
+        default=[4, 16],
+        help="blocks of the whole brought transformer (none: skip it)",
+    )
+    parser.add_argument(
         "--repeats",
         type=int,
         default=3,
@@ -232,6 +312,8 @@ def main() -> None:
         built_in(args.depths, args.width, args.batch, args.matrix_max_depth, args.repeats)
     if args.brought_depths:
         brought(args.brought_depths, args.width, args.batch, args.repeats)
+    if args.transformer_blocks:
+        transformers(args.transformer_blocks, args.repeats)
 
 
 if __name__ == "__main__":
