@@ -20,6 +20,7 @@ diagnostics -> theory (``meanfield``, ``random_matrix``; imports activations onl
 
 from jacobian_lab.activations import ACTIVATIONS, get_activation
 from jacobian_lab.chain import Chain, Residual, chain, repeat
+from jacobian_lab.compilation_cache import enable_compilation_cache
 from jacobian_lab.convnets import CONV_INITIALIZERS, ConvNetwork, convnet, resconvnet
 from jacobian_lab.datasets import Dataset, digits, gaussian_data, load_npz
 from jacobian_lab.dilution import AddNodeSplit, Dilution, add_node_split, dilution
@@ -162,6 +163,7 @@ __all__ = [
     "critical_sigma_w",
     "device_mesh",
     "dilution",
+    "enable_compilation_cache",
     "digits",
     "domain_statistics",
     "extreme_singular_values",

@@ -13,6 +13,12 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 
+from jacobian_lab.compilation_cache import enable_compilation_cache  # noqa: E402
+
+# a second run of the suite loads its compiled programs from disk
+# (JACOBIAN_LAB_CACHE=off runs it cold; see jacobian_lab/compilation_cache.py)
+enable_compilation_cache()
+
 
 @pytest.fixture
 def key():

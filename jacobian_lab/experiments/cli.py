@@ -7,6 +7,7 @@ import sys
 import time
 
 from jacobian_lab import __version__
+from jacobian_lab.compilation_cache import enable_compilation_cache
 from jacobian_lab.experiments.report import (
     INTERRUPTED,
     add_analysis_arguments,
@@ -100,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         "theory_validation, trainability",
     )
     add_analysis_arguments(p, default_out="results/report")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="do not use JAX's persistent compilation cache (on by default, in "
+        "$JACOBIAN_LAB_CACHE or ~/.cache/jacobian_lab/jax; JACOBIAN_LAB_CACHE=off also "
+        "turns it off): a second run loads its compiled programs instead of compiling them",
+    )
     p.set_defaults(func=cmd_report)
     return parser
 
@@ -109,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     130 after a Ctrl-C, which stops at a safe point and keeps the finished work)."""
     args = build_parser().parse_args(argv)
     enable_precision(args)
+    if not getattr(args, "no_cache", False):
+        folder = enable_compilation_cache()
+        if folder is not None:
+            _log(f"compilation cache: {folder} (--no-cache to turn it off)")
     try:
         return args.func(args)
     except (ValueError, OSError, FloatingPointError) as err:
