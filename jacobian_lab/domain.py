@@ -17,13 +17,12 @@ per layer, over a batch of inputs:
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab.driver import check_lengths, log_lengths, per_layer, prepare, trace
+from jacobian_lab.driver import check_lengths, log_lengths, over_trace, per_layer, prepare
 from jacobian_lab.model import Layer, Model, Params, stage_size, unit_of
 
 
@@ -70,9 +69,8 @@ def sign_diversity(z: jax.Array) -> jax.Array:
     return jnp.mean(ratio, axis=-1)
 
 
-@partial(jax.jit, static_argnums=(0, 3))
-def _domain_statistics(model: Model, params: Params, xs, batch: int) -> DomainStats:
-    tr = trace(model, params, xs, jac=False, pre=True)  # one forward pass
+@over_trace(jac=False, pre=True, static_argnums=(2,))
+def _domain_statistics(model: Model, tr, batch: int) -> DomainStats:
     acts, z = (per_layer([getattr(r, f) for r in tr.records]) for f in ("out", "pre"))
     x = tr.x
     if model.batch_coupled:  # one sample is the batch: its rows are the inputs

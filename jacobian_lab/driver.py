@@ -22,7 +22,7 @@ row-major).
 
 from __future__ import annotations
 
-from functools import partial
+from functools import partial, wraps
 from typing import NamedTuple
 
 import jax
@@ -162,6 +162,30 @@ def trace(
 
     x_flat, records = jax.vmap(one)(xs)
     return Trace(x_flat, records)
+
+
+def over_trace(*, static_argnums: tuple = (), **flags):
+    """Decorator for a diagnostic written over one record: ``fn(model, tr, *args)``
+    becomes ``fn(model, params, xs, *args)``, which runs :func:`trace` with ``flags`` and
+    then ``fn`` under ``jax.jit`` (``model`` and ``static_argnums``, positions in ``fn``'s
+    own signature, are static).
+
+    The record is its own compiled program, so every diagnostic that reads the same
+    record (say :func:`~jacobian_lab.gsc`, :func:`~jacobian_lab.gsc_matrix` and
+    :func:`~jacobian_lab.block_jacobian_stats`, which read the layer Jacobians) shares
+    it: the expensive compile, of the per-layer Jacobians, happens once per model and
+    input shape, and each diagnostic compiles only its own reduction."""
+
+    def wrap(fn):
+        jitted = jax.jit(fn, static_argnums=(0, *static_argnums))
+
+        @wraps(fn)
+        def run(model, params, xs, *args):
+            return jitted(model, trace(model, params, xs, **flags), *args)
+
+        return run
+
+    return wrap
 
 
 # -- per-layer bookkeeping, in GSC-paper order -----------------------------------------

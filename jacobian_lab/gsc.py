@@ -39,9 +39,9 @@ from jacobian_lab.driver import (
     log_lengths,
     log_norm,
     output_sizes,
+    over_trace,
     prepare,
     scan_down,
-    trace,
 )
 from jacobian_lab.layered import accumulate
 from jacobian_lab.matrix_free import (
@@ -103,9 +103,8 @@ def backward_log_norms(jacs: list) -> jax.Array:
     return jnp.concatenate([log_g[None], scan_down(step, (G, log_g), jacs)])
 
 
-@partial(jax.jit, static_argnums=0)
-def _gsc_dense(model: Model, params: Params, xs):
-    tr = trace(model, params, xs)
+@over_trace(jac=True)
+def _gsc_dense(model: Model, tr):
     log_fro = jax.vmap(backward_log_norms)([r.jac for r in tr.records])
     log_len = log_lengths(tr)
     return _gsc_from_logs(log_fro, layer_sizes(tr), log_len), finite_layers(tr), log_len
@@ -177,9 +176,8 @@ def gsc(
     return g
 
 
-@partial(jax.jit, static_argnums=0)
-def _log_gradient_norms(model: Model, params: Params, xs):
-    tr = trace(model, params, xs)
+@over_trace(jac=True)
+def _log_gradient_norms(model: Model, tr):
     log_fro = jax.vmap(backward_log_norms)([r.jac for r in tr.records])
     return log_fro - 0.5 * jnp.log(1.0 * layer_sizes(tr)[0]), finite_layers(tr)
 
@@ -385,9 +383,8 @@ def gsc_estimate(net: Model, params: Params, x, key: jax.Array, num_probes: int 
     return Estimate(value, error, probe_dof(rel, num_probes), jnp.full(value.shape, True))
 
 
-@partial(jax.jit, static_argnums=0)
-def _gsc_matrix(model: Model, params: Params, xs):
-    tr = trace(model, params, xs)
+@over_trace(jac=True)
+def _gsc_matrix(model: Model, tr):
     L = model.num_layers
     sizes = layer_sizes(tr)
 

@@ -28,9 +28,9 @@ from jacobian_lab.driver import (
     finite_layers,
     flat_jacobian,
     output_sizes,
+    over_trace,
     per_layer,
     prepare,
-    trace,
 )
 from jacobian_lab.model import Model, Params, forward
 
@@ -79,9 +79,8 @@ def stacked_jacobians(model: Model, tr: Trace) -> LayerJacobians:
     return LayerJacobians(units, stem, outputs, tr.x)
 
 
-@partial(jax.jit, static_argnums=0)
-def _layer_jacobians(model: Model, params: Params, xs) -> tuple[LayerJacobians, jax.Array]:
-    tr = trace(model, params, xs)
+@over_trace(jac=True)
+def _layer_jacobians(model: Model, tr) -> tuple[LayerJacobians, jax.Array]:
     return stacked_jacobians(model, tr), finite_layers(tr)
 
 
@@ -207,9 +206,8 @@ class PairJacobians(NamedTuple):
     from_input: jax.Array
 
 
-@partial(jax.jit, static_argnums=0)
-def _pair_jacobians(model: Model, params: Params, xs):
-    tr = trace(model, params, xs)
+@over_trace(jac=True)
+def _pair_jacobians(model: Model, tr):
     stacked_jacobians(model, tr)  # the sizes check
 
     L = model.num_layers
@@ -246,9 +244,8 @@ def layer_to_layer_jacobians(net: Model, params: Params, x) -> PairJacobians:
     return pj
 
 
-@partial(jax.jit, static_argnums=0)
-def _input_to_layer_jacobians(model: Model, params: Params, xs):
-    tr = trace(model, params, xs)
+@over_trace(jac=True)
+def _input_to_layer_jacobians(model: Model, tr):
     stacked_jacobians(model, tr)  # the sizes check
     one = lambda jacs: accumulate(list(jacs), lambda P_in, _: P_in, pairs=False)[::-1]  # noqa: E731
     return jax.vmap(one)([r.jac for r in tr.records]), finite_layers(tr)
@@ -291,6 +288,6 @@ def input_output_jacobian(net: Model, params: Params, x) -> jax.Array:
     return J
 
 
-@partial(jax.jit, static_argnums=0)
-def _layer_jacobians_finite(model: Model, params: Params, xs) -> jax.Array:
-    return finite_layers(trace(model, params, xs))
+@over_trace(jac=True)
+def _layer_jacobians_finite(model: Model, tr) -> jax.Array:
+    return finite_layers(tr)

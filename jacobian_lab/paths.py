@@ -34,9 +34,9 @@ from jacobian_lab.driver import (
     finite_layers,
     log_norm,
     norm,
+    over_trace,
     per_layer,
     prepare,
-    trace,
 )
 from jacobian_lab.initializers import normal
 from jacobian_lab.model import Model, Params
@@ -135,9 +135,8 @@ def _paths(branch_jacobians: jax.Array, v: jax.Array, key: jax.Array, num_paths:
     return G, log_c, per_path
 
 
-@partial(jax.jit, static_argnums=(0, 4))
-def _path_gradients(model: Model, params: Params, xs, key: jax.Array, num_paths):
-    tr = trace(model, params, xs, blocks=True)
+@over_trace(jac=True, blocks=True, static_argnums=(3,))
+def _path_gradients(model: Model, tr, key: jax.Array, num_paths):
     records = list(tr.records)
     first = next(i for i, r in enumerate(records) if r.branch is not None)
     blocks = records[first:]

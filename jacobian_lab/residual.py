@@ -19,7 +19,6 @@ indexing).
 from __future__ import annotations
 
 import warnings
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -33,10 +32,10 @@ from jacobian_lab.driver import (
     finite_layers,
     log_lengths,
     norm,
+    over_trace,
     per_layer,
     prepare,
     scan_down,
-    trace,
 )
 from jacobian_lab.gsc import qm_norm
 from jacobian_lab.initializers import normal
@@ -101,9 +100,8 @@ def _sq(a: jax.Array) -> jax.Array:
     return jnp.sum(a**2, axis=-1)
 
 
-@partial(jax.jit, static_argnums=0)
-def _pythagorean(model: Model, params: Params, xs):
-    tr = trace(model, params, xs, jac=False, blocks=True)
+@over_trace(jac=False, blocks=True)
+def _pythagorean(model: Model, tr):
     terms = []
     for r in _blocks(tr):
         # on f / m and r / m (m the largest entry of either), so that neither the squares
@@ -188,9 +186,8 @@ def backward_ratios(jacs: list, g: jax.Array) -> jax.Array:
     return scan_down(step, g / norm(g), jacs)
 
 
-@partial(jax.jit, static_argnums=0)
-def _block_stats(model: Model, params: Params, xs, key):
-    tr = trace(model, params, xs)
+@over_trace(jac=True)
+def _block_stats(model: Model, tr, key):
     idx = block_layers(model, tr)
     jacs = [r.jac for r in tr.records]
     out0 = tr.records[-1].out[:, -1]
@@ -275,9 +272,8 @@ def warn_post_blocks(model: Model, what: str) -> None:
         )
 
 
-@partial(jax.jit, static_argnums=0)
-def _block_gsc(model: Model, params: Params, xs):
-    tr = trace(model, params, xs, blocks=True)
+@over_trace(jac=True, blocks=True)
+def _block_gsc(model: Model, tr):
     fields = []
     for r in _blocks(tr):
         n_h, n_s, n_r, n_out = (norm(v) for v in (r.inp, r.skip, r.branch, r.out))

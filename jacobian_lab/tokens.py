@@ -40,7 +40,14 @@ import numpy as np
 
 from jacobian_lab.checks import is_traced
 from jacobian_lab.domain import mean_pairwise_cosine
-from jacobian_lab.driver import check_lengths, log_lengths, norm, per_layer, prepare, trace
+from jacobian_lab.driver import (
+    check_lengths,
+    log_lengths,
+    norm,
+    over_trace,
+    per_layer,
+    prepare,
+)
 from jacobian_lab.model import Block, Model, Params, apply_unit, walk
 from jacobian_lab.transformer import Transformer
 
@@ -116,8 +123,14 @@ def token_statistics(model: Model, params: Params, x, *, seq_len: int | None = N
         seq_len = int(leaves[0].shape[1])
     if seq_len < 2:
         raise ValueError(f"token statistics need at least 2 tokens, got seq_len={seq_len}")
-    tr = trace(model, params, xs, jac=False)
-    check_lengths(log_lengths(tr), model)
+    stats, log_len = _token_statistics(model, params, xs, seq_len)
+    check_lengths(log_len, model)
+    _check_cosines(stats.cosine, model)
+    return stats
+
+
+@over_trace(jac=False, static_argnums=(2,))
+def _token_statistics(model: Model, tr, seq_len: int):
     first, res, cos = 0, [], []
     for r in tr.records:
         X = _tokens(r.out, seq_len, f"layer {first} ({model.names[first]!r})")
@@ -129,8 +142,7 @@ def token_statistics(model: Model, params: Params, x, *, seq_len: int | None = N
         jnp.concatenate([per_layer(res), rank_collapse_residual(X)[:, None]], axis=1),
         jnp.concatenate([per_layer(cos), token_cosine(X)[:, None]], axis=1),
     )
-    _check_cosines(stats.cosine, model)
-    return stats
+    return stats, log_lengths(tr)
 
 
 def _check_cosines(cos: jax.Array, model: Model) -> None:

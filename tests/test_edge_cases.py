@@ -184,8 +184,8 @@ def test_the_model_dtype_wins_and_seeds_draw_the_same_numbers_in_both_precisions
     [
         (jnp.zeros((0, 8)), ValueError, "holds no samples"),
         ([[0.0] * 8] * 2, TypeError, r"got list: use jnp.asarray\(x\)"),
-        (jnp.ones((2, 8), jnp.int32), TypeError, "real floating-point numbers, got int32"),
-        (jnp.ones((2, 8), bool), TypeError, "real floating-point numbers, got bool"),
+        (jnp.ones((2, 8), jnp.int32), TypeError, r"holds int32 values.*jl.chain\(model, ids\)"),
+        (jnp.ones((2, 8), bool), TypeError, "holds bool values.*must be real floats"),
         (jnp.ones((2, 8), jnp.complex64), TypeError, "got complex"),
     ],
     ids=["empty", "list", "int", "bool", "complex"],

@@ -130,10 +130,19 @@ def test_zero_branch_has_block_gsc_one(key):
     assert np.all(np.isnan(b.branch_gsc))  # a branch of length 0 has no GSC
 
 
-def test_block_gsc_rejects_post_activation_blocks(key):
-    net = jl.resmlp(2, 4, "relu", block_order="post")
-    with pytest.raises(ValueError, match="block_order='pre'"):
-        jl.block_gsc(net, net.init(key), jnp.ones((2, 4)))
+def test_block_gsc_measures_post_activation_blocks_and_predicts_nan(key):
+    """With a post-activation the output is not skip + branch: the GSC across the block is
+    still measured (it equals the all-pairs GSC(l+1, l)), the Pythagorean prediction is
+    NaN, and one warning names the blocks."""
+    net = jl.resmlp(2, 4, "relu", block_order="post", dtype="float64")
+    params = net.init(key)
+    x = _x(3, 4)
+    with pytest.warns(jl.PostBlockWarning, match="2 block"):
+        bg = jl.block_gsc(net, params, x)
+    G = jl.gsc_matrix(net, params, x)
+    ls = np.array(net.block_outputs)
+    np.testing.assert_allclose(bg.gsc, G[:, ls + 1, ls], rtol=1e-12)
+    assert np.all(np.isnan(bg.predicted)) and np.all(np.isfinite(bg.branch_gsc))
 
 
 def test_block_stats_of_a_plain_network_are_its_layer_jacobians(key):
