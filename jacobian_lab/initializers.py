@@ -38,7 +38,9 @@ def effective_sigma_w(init: str, sigma_w: float, fan_in: int, fan_out: int) -> f
 def normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
     """Standard normal draws made in float32 and cast to ``dtype``: a float64 model draws
     the numbers of its float32 twin (same key), so the two differ by rounding only."""
-    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+    # the barrier keeps XLA from folding the caller's scaling into the draw under jit, so
+    # that a jitted init draws bit for bit what an eager one does
+    return jax.lax.optimization_barrier(jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 def orthogonal(key: jax.Array, shape: tuple[int, int], scale: float, dtype) -> jax.Array:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,13 @@ from jacobian_lab.model import Block, Layer, Model, Params, Repeat, forward, wal
 NORMS = ("none", "layer", "batch")
 STEPS = ("linear", "norm", "act")
 BLOCK_ORDERS = ("pre", "post")
+
+
+@partial(jax.jit, static_argnums=0)
+def _draw(net, key):
+    """One compiled program per network draws all its params (eagerly, every layer's
+    draws and scalings would each compile a program of their own)."""
+    return net.draw(key)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,6 +173,12 @@ class Network(Model):
             f"the params of this {type(self).__name__} ({count:.3g} numbers) need",
             "choose a smaller depth, num_blocks or width",
         )
+        return _draw(self, key)
+
+    def draw(self, key: jax.Array) -> Params:
+        """The draw of :meth:`init`, without its checks (traceable)."""
+        n, d = self.width, self.input_dim
+        per_unit = self.block_layers if self.residual else 1
         k_stem, k_units = jax.random.split(key)
         stem = self._layer_params(k_stem, d, n, paired_input=False)
         keys = jax.random.split(k_units, self.num_units * per_unit)

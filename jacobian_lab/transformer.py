@@ -62,7 +62,7 @@ Pre-LN ends in its final norm). Token statistics: :mod:`jacobian_lab.tokens`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +74,12 @@ from jacobian_lab.model import Block, Layer, Model, Params, Repeat, forward
 from jacobian_lab.networks import normalize
 
 TRANSFORMER_NORMS = ("pre", "post", "none")
+
+
+@partial(jax.jit, static_argnums=0)
+def _draw(net, key):
+    """All the params in one compiled program (see :mod:`jacobian_lab.networks`)."""
+    return net.draw(key)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,6 +188,16 @@ class Transformer(Model):
             f"the params of this transformer ({count:.3g} numbers) need",
             "choose a smaller num_blocks or width",
         )
+
+        return _draw(self, key)
+
+    def draw(self, key: jax.Array) -> Params:
+        """The draw of :meth:`init`, without its checks (traceable)."""
+        dtype = jnp.dtype(self.dtype)
+        D, M = self.width, self.mlp_ratio * self.width
+        shapes = {"attn": {n: (D, D) for n in "qkvo"}}
+        if self.mlp_ratio:
+            shapes["mlp"] = {"up": (D, M), "down": (M, D)}
 
         def dense(key, fan_in, fan_out):
             W = weight_matrix(key, "gaussian", fan_in, fan_out, dtype=dtype)
