@@ -24,8 +24,9 @@ from jacobian_lab.compilation_cache import enable_compilation_cache
 from jacobian_lab.convnets import CONV_INITIALIZERS, ConvNetwork, convnet, resconvnet
 from jacobian_lab.datasets import Dataset, digits, gaussian_data, load_npz
 from jacobian_lab.dilution import AddNodeSplit, Dilution, add_node_split, dilution
-from jacobian_lab.domain import DomainStats, domain_statistics
+from jacobian_lab.domain import DomainStats, DomainWarning, domain_statistics
 from jacobian_lab.gsc import (
+    AutoMethodWarning,
     GrowthRate,
     gradient_norm,
     gradient_scale,
@@ -44,6 +45,7 @@ from jacobian_lab.layered import (
     input_output_jacobian,
     input_to_layer_jacobians,
     layer_jacobians,
+    layer_outputs,
     layer_to_layer_jacobians,
 )
 from jacobian_lab.matrix_free import (
@@ -96,6 +98,7 @@ from jacobian_lab.spectra import (
 )
 from jacobian_lab.tokens import (
     TokenStats,
+    TokenWarning,
     attention_entropy,
     attention_weights,
     rank_collapse_residual,
@@ -121,6 +124,7 @@ __all__ = [
     "INITIALIZERS",
     "SLQ",
     "AddNodeSplit",
+    "AutoMethodWarning",
     "BatchNormMeanField",
     "Block",
     "BlockGSC",
@@ -130,6 +134,7 @@ __all__ = [
     "Dataset",
     "Dilution",
     "DomainStats",
+    "DomainWarning",
     "Estimate",
     "ExtremeSingularValues",
     "GrowthRate",
@@ -150,6 +155,7 @@ __all__ = [
     "Spectrum",
     "SpectrumSummary",
     "TokenStats",
+    "TokenWarning",
     "Transformer",
     "add_node_split",
     "architecture",
@@ -188,6 +194,7 @@ __all__ = [
     "jacobian_spectral_density",
     "jacobian_spectrum",
     "layer_jacobians",
+    "layer_outputs",
     "norm_per_layer",
     "layer_to_layer_jacobians",
     "linearized_outputs",

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -133,7 +134,11 @@ class Chain(Model):
             chains with equal idents are equal (and hash alike), so compiled programs are
             shared between them (one per seed, or one rebuilt). ``None``: equal only to
             itself.
-        report: one line per automatic choice the reading made.
+        report: one line per automatic choice made in reading the model (what was
+            stacked, what not and why).
+        ties: for a list of layers, groups of positions (in ``jax.tree_util.tree_leaves``
+            order of the params) holding one array that several layers use: the copies
+            are tied (:meth:`tie_gradients`).
     """
 
     stages: tuple
@@ -146,6 +151,21 @@ class Chain(Model):
     embed: Any = None
     ident: Any = None
     report: tuple = ()
+    ties: tuple = ()
+
+    def tie_gradients(self, grads: Params) -> Params:
+        """``grads`` (shaped like the params) with each group of tied leaves (:attr:`ties`:
+        one array that several layers of a list use) given the sum of the group's
+        gradients: the gradient of the one shared array, so training keeps the copies
+        equal. A read model's tied arrays are one leaf already (nothing to do)."""
+        if not self.ties:
+            return grads
+        leaves, treedef = jax.tree_util.tree_flatten(grads)
+        for group in self.ties:
+            total = sum(leaves[i] for i in group)
+            for i in group:
+                leaves[i] = total
+        return jax.tree_util.tree_unflatten(treedef, leaves)
 
     def __eq__(self, other) -> bool:
         if self.ident is None or not isinstance(other, Chain):
@@ -214,7 +234,12 @@ class Chain(Model):
     def apply(self, params: Params, x: Any) -> Any:
         """The chain on one sample ``x`` (no sample axis; a whole batch ``(B, ...)`` for a
         batch-coupled chain); returns ``f_0``."""
-        return forward(self, params, x)[0]
+        return _apply_one(self, params, x)
+
+
+@partial(jax.jit, static_argnums=0)
+def _apply_one(model: Model, params: Params, x: Any) -> Any:
+    return forward(model, params, x)[0]
 
 
 def _check_sample_shapes(x, spec, what: str) -> None:
@@ -376,7 +401,8 @@ def chain(
     pieces = _expand(list(layers), mode)
     if not pieces:
         raise ValueError("chain() needs at least one layer; got an empty list")
-    stages, params = _group(pieces, stack)
+    pieces, shared = _untie_stacking(pieces)
+    stages, params, unknown = _group(pieces, stack)
     if names is None:
         names = [
             ("block" if isinstance(p.unit, Block) else "layer") + str(i)
@@ -388,7 +414,45 @@ def chain(
             f"got {len(names)} names for {len(pieces)} layers (after expanding containers "
             "and merging parameter-free layers into the layer before them)"
         )
-    return Chain(tuple(stages), names, mode.batch, spec_of(tuple(params))), tuple(params)
+    leaves = jax.tree_util.tree_leaves(tuple(params))
+    ties = tuple(
+        tuple(i for i, a in enumerate(leaves) if id(a) == key)
+        for key in dict.fromkeys(id(a) for a in leaves if id(a) in shared)
+    )
+    report = []
+    if len(unknown) > 1:
+        report.append(
+            "not stacked (their functions cannot be compared: plain callables, or modules "
+            f"of unknown structure): {', '.join(names[k] for k in unknown)}; "
+            "jl.repeat([...]) stacks identical layers"
+        )
+    if ties:
+        report.append(
+            f"{len(ties)} array(s) used by several layers: kept tied (their gradients are "
+            "summed in training); those layers are not stacked"
+        )
+    net = Chain(
+        tuple(stages), names, mode.batch, spec_of(tuple(params)), ties=ties, report=tuple(report)
+    )
+    return net, tuple(params)
+
+
+def _untie_stacking(pieces: list) -> tuple[list, set]:
+    """The ids of arrays that several layers share (a tied weight), and the pieces with
+    those kept out of stacking (a stacked copy would untie them)."""
+    seen: dict = {}
+    for i, p in enumerate(pieces):
+        for a in jax.tree_util.tree_leaves(p.params):
+            seen.setdefault(id(a), set()).add(i)
+    shared = {k for k, owners in seen.items() if len(owners) > 1}
+    if not shared:
+        return pieces, shared
+    out = []
+    for p in pieces:
+        if any(id(a) in shared for a in jax.tree_util.tree_leaves(p.params)):
+            p = p._replace(ident=("tied", object()), run=None)  # equal to no other
+        out.append(p)
+    return out, shared
 
 
 def _read(model, x, names, at, stack, state, batch_coupled, batched, args, kwargs):
@@ -568,10 +632,12 @@ def _block(layer: Residual, run: int | None, mode: Mode) -> _Piece:
     return _Piece(Block(branch, skip, post), params, ident, run)
 
 
-def _group(pieces: list[_Piece], stack: bool) -> tuple[list, list]:
-    """Stages and their params: a jl.repeat run, or (with ``stack``) a run of pieces with
-    the same ident, becomes a Repeat."""
+def _group(pieces: list[_Piece], stack: bool) -> tuple[list, list, list]:
+    """Stages, their params, and the pieces that could not be compared for stacking: a
+    jl.repeat run, or (with ``stack``) a run of pieces with the same ident, becomes a
+    Repeat."""
     stages, params, i = [], [], 0
+    unknown = [k for k, p in enumerate(pieces) if p.ident is None and p.run is None]
     while i < len(pieces):
         run = pieces[i].run
         j = i + 1
@@ -599,7 +665,7 @@ def _group(pieces: list[_Piece], stack: bool) -> tuple[list, list]:
                 jax.tree_util.tree_map(lambda *a: jnp.stack(a), *(p.params for p in pieces[i:j]))
             )
         i = j
-    return stages, params
+    return stages, params, unknown if stack else []
 
 
 def check_no_leaked_tracers(model: Model) -> None:

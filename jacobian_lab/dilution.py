@@ -75,9 +75,9 @@ from jacobian_lab.driver import (
     log_norm,
     norm,
     output_sizes,
+    over_trace,
     per_layer,
     prepare,
-    trace,
 )
 from jacobian_lab.gsc import qm_norm
 from jacobian_lab.initializers import normal
@@ -214,10 +214,15 @@ def _segments(tr):
     return out
 
 
-@partial(jax.jit, static_argnums=0, static_argnames=("batch", "fit", "post"))
 def _dilution(model: Model, params: Params, xs, *, batch: int, fit: str, post: bool):
+    """Over the record with the blocks' parts (and the Jacobians for ``fit="jacobian"``),
+    the one :func:`~jacobian_lab.block_gsc` and :func:`~jacobian_lab.path_gradients` read."""
+    over = _over_jacobians if fit == "jacobian" else _over_outputs
+    return over(model, params, xs, batch, fit, post)
+
+
+def _dilution_of(model: Model, tr, batch: int, fit: str, post: bool):
     jac = fit == "jacobian"
-    tr = trace(model, params, xs, jac=jac, blocks=True)
     per_layer_axis = partial(jax.vmap, in_axes=1, out_axes=-1)  # over a segment's layers
     split = per_layer_axis(_split_jacobian if jac else _split_lstsq)
     fields, skip_share, branch_share = [], [], []
@@ -244,6 +249,9 @@ def _dilution(model: Model, params: Params, xs, *, batch: int, fit: str, post: b
     parts = [per_layer([f[i] for f in fields]) for i in range(1, 5)] if jac else None
     return (share, skip_share, branch_share), parts, finite_layers(tr)
 
+
+_over_jacobians = over_trace(jac=True, blocks=True, static_argnums=(2, 3, 4))(_dilution_of)
+_over_outputs = over_trace(jac=False, blocks=True, static_argnums=(2, 3, 4))(_dilution_of)
 
 FITS = ("jacobian", "lstsq")
 

@@ -17,13 +17,14 @@ per layer, over a batch of inputs:
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab.driver import check_lengths, log_lengths, over_trace, per_layer, prepare
-from jacobian_lab.model import Layer, Model, Params, stage_size, unit_of
+from jacobian_lab.driver import check_lengths, log_lengths, over_trace, prepare
+from jacobian_lab.model import Model, Params, layer_units
 
 
 class DomainStats(NamedTuple):
@@ -62,26 +63,34 @@ def mean_pairwise_cosine(h: jax.Array) -> jax.Array:
 def sign_diversity(z: jax.Array) -> jax.Array:
     """Mean over neurons of ``min(P, N) / (P + N)`` for pre-activations ``z`` of shape
     ``(..., B, d)`` (``P``, ``N``: counts of positive and negative values over the ``B``
-    inputs); returns shape ``(...)``. A neuron that is zero for every input counts 0."""
+    inputs); returns shape ``(...)``. A neuron that is zero for every input counts 0; a
+    neuron with a NaN pre-activation (not known, or padding) is left out, and the result
+    is NaN when every neuron is."""
     P = jnp.sum(z > 0, axis=-2)
     N = jnp.sum(z < 0, axis=-2)
     ratio = jnp.minimum(P, N) / jnp.maximum(P + N, 1)
-    return jnp.mean(ratio, axis=-1)
+    ratio = jnp.where(jnp.any(jnp.isnan(z), axis=-2), jnp.nan, ratio)  # NaN: not known
+    return jnp.nanmean(ratio, axis=-1)
 
 
 @over_trace(jac=False, pre=True, static_argnums=(2,))
 def _domain_statistics(model: Model, tr, batch: int) -> DomainStats:
-    acts, z = (per_layer([getattr(r, f) for r in tr.records]) for f in ("out", "pre"))
-    x = tr.x
-    if model.batch_coupled:  # one sample is the batch: its rows are the inputs
-        acts, z = (a[0].reshape(a.shape[1], batch, -1) for a in (acts, z))
-        x = x[0].reshape(batch, -1)
-    else:
-        acts, z = (jnp.swapaxes(a, 0, 1) for a in (acts, z))  # (L, B, size)
+    def rows(a):  # (S, n, d) -> (n, B, d): per layer, one row per input
+        if model.batch_coupled:  # one sample is the batch: its rows are the inputs
+            return a[0].reshape(a.shape[1], batch, -1)
+        return jnp.swapaxes(a, 0, 1)
+
+    cos, div, std = [], [], []
+    for r in tr.records:  # segment by segment: layers of different sizes
+        acts, z = rows(r.out), rows(r.pre)
+        cos.append(mean_pairwise_cosine(acts))
+        div.append(sign_diversity(z))
+        std.append(jnp.nanmean(jnp.std(z, axis=-2), axis=-1))  # NaN neurons: not known
+    x = tr.x[0].reshape(batch, -1) if model.batch_coupled else tr.x
     stats = DomainStats(
-        jnp.concatenate([mean_pairwise_cosine(acts), mean_pairwise_cosine(x)[None]]),
-        sign_diversity(z),
-        jnp.mean(jnp.std(z, axis=-2), axis=-1),
+        jnp.concatenate([jnp.concatenate(cos)[::-1], mean_pairwise_cosine(x)[None]]),
+        jnp.concatenate(div)[::-1],
+        jnp.concatenate(std)[::-1],
     )
     return stats, log_lengths(tr)
 
@@ -90,32 +99,40 @@ def domain_statistics(net: Model, params: Params, x) -> DomainStats:
     """Collapsing-domain measurements at every layer.
 
     Args:
-        net: any model whose layers know their pre-activations: a plain built-in network
-            (:func:`jacobian_lab.mlp`, :func:`jacobian_lab.convnet`), or a chain whose layers
-            end in a parameter-free activation (``Linear, relu`` reads the ``Linear``
-            output as the pre-activation); params: its parameters.
+        net: any model; params: its parameters. The pre-activation statistics need the
+            value fed into each layer's nonlinearity, which built-in networks give (a
+            residual block: its branch's last nonlinearity), a chain's layers give when
+            they end in a parameter-free activation (``Linear, relu`` reads the ``Linear``
+            output), and a model read whole by ``jl.chain(model, x)`` gives where a unit
+            ends in an elementwise nonlinearity (a block: where its branch has one).
         x: a batch of at least 2 inputs ``(B, in_dim)`` (a batch-norm model: one batch).
 
     Returns:
         :class:`DomainStats` (shapes there). Images and pytrees count every scalar as a
-        unit.
+        unit. The cosine is defined for every layer; ``sign_diversity`` and
+        ``preact_std`` are NaN at a layer whose pre-activation is unknown (an attention
+        sublayer, a layer that does not end in a nonlinearity), with one
+        :class:`DomainWarning` naming those layers.
     """
-    i = 0
-    for stage in net.stages:
-        unit = unit_of(stage)
-        if not isinstance(unit, Layer) or unit.preactivation is None:
-            raise ValueError(
-                f"domain_statistics needs every layer's pre-activation, and layer {i} "
-                f"({net.names[i]!r}) has none (a residual block, or a layer without a "
-                "parameter-free activation after it). Give the chain layers that end in "
-                "their activation (e.g. [Linear, relu, Linear, relu, ...]), or a plain "
-                "built-in network"
-            )
-        i += stage_size(stage)
     xs = prepare(net, params, x)
     batch = int(jax.tree_util.tree_leaves(xs)[0].shape[1 if net.batch_coupled else 0])
     if batch < 2 or (net.batch_coupled and jax.tree_util.tree_leaves(xs)[0].shape[0] != 1):
         raise ValueError("domain_statistics needs one batch of at least 2 inputs")
     stats, log_len = _domain_statistics(net, params, xs, batch)
     check_lengths(log_len, net)  # a zero layer output makes its cosines 0/0
+    unknown = [net.names[i] for i, u in enumerate(layer_units(net)) if u.preactivation is None]
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown[:4])
+        more = f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
+        warnings.warn(
+            f"domain_statistics: {len(unknown)} layer(s) have no known pre-activation "
+            f"({shown}{more}): their sign_diversity and preact_std are NaN (the cosine is "
+            "measured at every layer)",
+            DomainWarning,
+            stacklevel=2,
+        )
     return stats
+
+
+class DomainWarning(UserWarning):
+    """Some layers have no known pre-activation: their pre-activation statistics are NaN."""

@@ -51,11 +51,14 @@ class Record(NamedTuple):
     Fields:
         out: ``(n, d_out)``; the flattened layer output.
         jac: ``(n, d_out, d_in)``; its Jacobian with respect to the layer's input.
-        pre: ``(n, d_pre)``; the value fed into the layer's nonlinearity.
+        pre: ``(n, d_pre)``; the value fed into the layer's nonlinearity (a block's:
+            its branch's); NaN where the unit does not know it.
         inp: ``(n, d_in)``; the block's input ``h`` (blocks only).
         skip, branch: ``(n, d_out)``; ``s = skip(h)`` and ``r = branch(h)`` (blocks only).
-        skip_jac: ``(n, d_out, d_in)``; ``d s / d h``, ``None`` for an identity skip.
-        branch_jac: ``(n, d_out, d_in)``; ``d r / d h``.
+        skip_jac: ``(n, d_z, d_in)``; ``d s / d h``, ``None`` for an identity skip.
+        branch_jac: ``(n, d_z, d_in)``; ``d r / d h``.
+        post_jac: ``(n, d_out, d_z)``; ``d post / d z`` at ``z = s + r``, ``None`` for a
+            block without a post.
     """
 
     out: jax.Array
@@ -66,6 +69,7 @@ class Record(NamedTuple):
     branch: jax.Array | None = None
     skip_jac: jax.Array | None = None
     branch_jac: jax.Array | None = None
+    post_jac: jax.Array | None = None
 
 
 class Trace(NamedTuple):
@@ -111,17 +115,23 @@ def _record_tap(jac: bool, blocks: bool, pre: bool) -> Tap:
         require_float_arrays(out)
         return None, out, aux
 
+    def unknown(out):  # a pre-activation the unit does not know: NaN, one per output
+        return jnp.full_like(_flat(out), jnp.nan)
+
     def tap(unit, p, h, _):
         flat, unravel = ravel_pytree(h)
         if isinstance(unit, Layer):
-            if pre:
+            if pre and unit.preactivation is not None:
                 J, out, z = value(lambda v: unit.preactivation(p, unravel(v)), flat)
                 return out, Record(_flat(out), J, pre=_flat(z))
             J, out, _ = value(lambda v: (unit.apply(p, unravel(v)), None), flat)
-            return out, Record(_flat(out), J)
+            return out, Record(_flat(out), J, pre=unknown(out) if pre else None)
+        pre_z = None
+        if pre:
+            pre_z = unknown(h) if unit.preactivation is None else _flat(unit.preactivation(p, h))
         if not blocks:
             J, out, _ = value(lambda v: (apply_unit(unit, p, unravel(v)), None), flat)
-            return out, Record(_flat(out), J)
+            return out, Record(_flat(out), J, pre=pre_z)
         J_r, r, _ = value(lambda v: (unit.branch(p, unravel(v)), None), flat)
         if unit.skip is None:
             J_s, s = None, h
@@ -131,13 +141,14 @@ def _record_tap(jac: bool, blocks: bool, pre: bool) -> Tap:
         J = None
         if jac:
             J = (jnp.eye(flat.shape[0], dtype=J_r.dtype) if J_s is None else J_s) + J_r
+        J_post = None
         if unit.post is None:
             out = z
         else:
             z_flat, unravel_z = ravel_pytree(z)
             J_post, out, _ = value(lambda v: (unit.post(p, unravel_z(v)), None), z_flat)
             J = None if J is None else J_post @ J
-        return out, Record(_flat(out), J, None, flat, _flat(s), _flat(r), J_s, J_r)
+        return out, Record(_flat(out), J, pre_z, flat, _flat(s), _flat(r), J_s, J_r, J_post)
 
     return tap
 
@@ -277,8 +288,11 @@ def finite_layers(tr: Trace) -> jax.Array:
 
     def ok(r: Record):
         axes = lambda a: tuple(i for i in range(a.ndim) if i != 1)  # noqa: E731
-        fields = [a for a in (r.out, r.jac, r.skip_jac, r.branch_jac, r.pre) if a is not None]
-        return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a), axis=axes(a)) for a in fields]), 0)
+        fields = [a for a in (r.out, r.jac, r.skip_jac, r.branch_jac, r.post_jac) if a is not None]
+        good = [jnp.all(jnp.isfinite(a), axis=axes(a)) for a in fields]
+        if r.pre is not None:  # NaN marks a pre-activation the unit does not know
+            good.append(jnp.all(~jnp.isinf(r.pre), axis=axes(r.pre)))
+        return jnp.all(jnp.stack(good), 0)
 
     return jnp.concatenate([ok(r) for r in tr.records])[::-1]
 

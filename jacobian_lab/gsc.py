@@ -45,6 +45,7 @@ from jacobian_lab.driver import (
 )
 from jacobian_lab.layered import accumulate
 from jacobian_lab.matrix_free import (
+    DEFAULT_MEMORY_BUDGET,
     MIN_PROBES_FOR_ERROR,
     Estimate,
     check_count,
@@ -110,6 +111,11 @@ def _gsc_dense(model: Model, tr):
     return _gsc_from_logs(log_fro, layer_sizes(tr), log_len), finite_layers(tr), log_len
 
 
+class AutoMethodWarning(UserWarning):
+    """``method="auto"`` chose the matrix-free estimator: the value is an estimate, not the
+    exact number (the message gives the memory figure that decided it)."""
+
+
 class UnderflowWarning(RuntimeWarning):
     """A Jacobian product is exactly zero: the value is an underflow or a dead network, not
     a measured gradient scale."""
@@ -153,7 +159,10 @@ def gsc(
         method: ``"dense"`` (exact, from every layer's Jacobian), ``"matrix_free"``
             (:func:`gsc_estimate`, its point estimate), or ``"auto"``: dense when the
             per-layer Jacobians of all samples fit ``memory_budget`` bytes (default
-            :data:`jacobian_lab.matrix_free.DEFAULT_MEMORY_BUDGET`, 1 GiB).
+            :data:`jacobian_lab.matrix_free.DEFAULT_MEMORY_BUDGET`, 1 GiB); when they do
+            not, the matrix-free point estimate with one :class:`AutoMethodWarning` that
+            gives the memory figure (the return type stays an array: the standard errors
+            come from :func:`gsc_estimate`).
         key, num_probes: for the matrix-free method (default key ``PRNGKey(0)``); use
             :func:`gsc_estimate` for the standard errors.
 
@@ -166,7 +175,19 @@ def gsc(
     sample, memory ``S * L * d^2`` numbers. Matrix-free: ``num_probes`` backward passes.
     """
     xs = prepare(net, params, x)
-    if choose_method(method, dense_gsc_bytes(net, params, xs), memory_budget) != "dense":
+    nbytes = dense_gsc_bytes(net, params, xs)
+    if choose_method(method, nbytes, memory_budget) != "dense":
+        if method == "auto":
+            budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+            warnings.warn(
+                f"gsc(method='auto') returns a matrix-free estimate: the dense per-layer "
+                f"Jacobians would need {nbytes / 2**30:.3g} GiB, more than the memory budget "
+                f"of {budget / 2**30:.3g} GiB. It is the mean of {num_probes} probes, without "
+                "its standard errors: jl.gsc_estimate gives them; method='dense' or a larger "
+                "memory_budget computes the exact values",
+                AutoMethodWarning,
+                stacklevel=2,
+            )
         key = jax.random.PRNGKey(0) if key is None else key
         return gsc_estimate(net, params, x, key, num_probes).value
     g, ok, log_len = _gsc_dense(net, params, xs)

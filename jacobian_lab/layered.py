@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jacobian_lab.checks import check_memory, is_traced
@@ -44,6 +45,11 @@ class LayerJacobians(NamedTuple):
         stem: ``(S, d, d_in)``; ``d f_{L-1} / d x``, the first layer's.
         outputs: ``(S, L, d)``; the flattened layer outputs ``f_0 .. f_{L-1}``.
         inputs: ``(S, d_in)``; the flattened input ``f_L = x``.
+
+    ``d`` is the largest layer size: a layer of size ``d_l < d`` (a read-out head, a
+    ResNet's stages) fills the top-left ``d_l x d_{l+1}`` corner of its Jacobian and the
+    first ``d_l`` entries of its output, and the rest is NaN (:meth:`layer` returns each
+    layer's own).
     """
 
     units: jax.Array
@@ -51,32 +57,44 @@ class LayerJacobians(NamedTuple):
     outputs: jax.Array
     inputs: jax.Array
 
+    def layer(self, l: int) -> jax.Array:
+        """``(S, d_l, d_{l+1})``: ``d f_l / d f_{l+1}``, padding removed (``l = L-1``: the
+        first layer's, with respect to ``x``)."""
+        J = self.stem if l == self.units.shape[1] else self.units[:, l]
+        d_in = self.inputs.shape[-1] if l == self.units.shape[1] else _size(self.outputs[:, l + 1])
+        return J[:, : _size(self.outputs[:, l]), :d_in]
+
+
+def _size(v: jax.Array) -> int:
+    """How many leading entries of a padded vector ``(S, d)`` are not padding."""
+    finite = ~np.all(np.isnan(np.asarray(v)), axis=0)
+    return int(finite.nonzero()[0].max()) + 1 if finite.any() else 0
+
+
+def pad(a: jax.Array, shape: tuple) -> jax.Array:
+    """``a`` padded with NaN at the end of its trailing axes to ``shape`` (those axes):
+    the stacked form of values of several sizes (NaN: no entry of that layer)."""
+    extra = [(0, 0)] * (a.ndim - len(shape)) + [
+        (0, n - m) for n, m in zip(shape, a.shape[a.ndim - len(shape) :], strict=True)
+    ]
+    return jnp.pad(a, extra, constant_values=jnp.nan) if any(e[1] for e in extra) else a
+
 
 def stacked_jacobians(model: Model, tr: Trace) -> LayerJacobians:
-    """The Jacobians of a trace as :class:`LayerJacobians`: every layer after the first
-    must map size ``d`` to size ``d`` (``ValueError`` listing the sizes otherwise)."""
+    """The Jacobians of a trace as :class:`LayerJacobians` (layers of several sizes:
+    padded with NaN to the largest, see there)."""
     jacs = [r.jac for r in tr.records]  # forward order, (S, n, d_out, d_in)
     stem = jacs[0][:, 0]
     rest = [J for J in (jacs[0][:, 1:], *jacs[1:]) if J.shape[1]]
-    d = stem.shape[1]
-    if any(J.shape[2:] != (d, d) for J in rest):
-        sizes = [(J.shape[3], J.shape[2]) for J in jacs for _ in range(J.shape[1])]
-        listing = ", ".join(
-            f"{n}: {i} -> {o}" for n, (i, o) in zip(model.names, sizes, strict=True)
-        )
-        raise ValueError(
-            "this function stacks the layers' Jacobians and needs every layer after the "
-            f"first to map size {d} to size {d}; this model's layers are ({listing}). "
-            "gsc, gsc_matrix, input_output_jacobian and the block diagnostics take any "
-            "sizes; for other Jacobians split the model where the size changes."
-        )
+    d = max([stem.shape[1], *(max(J.shape[2:]) for J in rest)])
+    rest = [pad(J, (d, d)) for J in rest]
     units = (
         jnp.concatenate(rest, axis=1)[:, ::-1]
         if rest
         else jnp.zeros((stem.shape[0], 0, d, d), stem.dtype)
     )
-    outputs = per_layer([r.out for r in tr.records])
-    return LayerJacobians(units, stem, outputs, tr.x)
+    outputs = per_layer([pad(r.out, (d,)) for r in tr.records])
+    return LayerJacobians(units, pad(stem, (d, stem.shape[-1])), outputs, tr.x)
 
 
 @over_trace(jac=True)
@@ -88,8 +106,9 @@ def layer_jacobians(net: Model, params: Params, x) -> LayerJacobians:
     """Every layer's Jacobian with respect to the layer below it, from one forward pass.
 
     Args:
-        net, params, x: any model whose layers after the first keep one size, its params
-            and inputs (as for every diagnostic: :func:`~jacobian_lab.driver.prepare`).
+        net, params, x: any model, its params and inputs (as for every diagnostic:
+            :func:`~jacobian_lab.driver.prepare`); layers of several sizes are padded
+            (see :class:`LayerJacobians`).
 
     Returns:
         :class:`LayerJacobians` (shapes there; ``d`` is the flat size of a layer's value).
@@ -200,6 +219,9 @@ class PairJacobians(NamedTuple):
         hidden: ``(S, L, L, d, d)``; ``hidden[s, l, k] = d f_l / d f_k`` for
             ``0 <= l <= k <= L-1`` (identity on the diagonal, zero for ``k < l``).
         from_input: ``(S, L, d, d_in)``; ``from_input[s, l] = d f_l / d x``.
+
+    Layers of several sizes: ``d`` is the largest, and each Jacobian fills the top-left
+    ``d_l x d_k`` corner, NaN elsewhere (as :class:`LayerJacobians`).
     """
 
     hidden: jax.Array
@@ -208,14 +230,15 @@ class PairJacobians(NamedTuple):
 
 @over_trace(jac=True)
 def _pair_jacobians(model: Model, tr):
-    stacked_jacobians(model, tr)  # the sizes check
-
     L = model.num_layers
+    d = max(max(r.jac.shape[2:]) for r in tr.records)
+    d_in = tr.x.shape[-1]
 
     def one(jacs):
         def emit(P_in, stacks):  # d h / d f_k for every layer k, zero above h
-            P = jnp.concatenate(stacks)
-            return jnp.concatenate([P, jnp.zeros((L - P.shape[0], *P.shape[1:]), P.dtype)]), P_in
+            P = jnp.concatenate([pad(a, (d, d)) for a in stacks])
+            zero = jnp.zeros((L - P.shape[0], *P.shape[1:]), P.dtype)
+            return jnp.concatenate([P, zero]), pad(P_in, (d, d_in))
 
         P, P_in = accumulate(list(jacs), emit)  # (L, L, d, d) forward, (L, d, d_in)
         return P[::-1, ::-1], P_in[::-1]
@@ -246,8 +269,9 @@ def layer_to_layer_jacobians(net: Model, params: Params, x) -> PairJacobians:
 
 @over_trace(jac=True)
 def _input_to_layer_jacobians(model: Model, tr):
-    stacked_jacobians(model, tr)  # the sizes check
-    one = lambda jacs: accumulate(list(jacs), lambda P_in, _: P_in, pairs=False)[::-1]  # noqa: E731
+    d = max(r.jac.shape[2] for r in tr.records)
+    emit = lambda P_in, _: pad(P_in, (d, P_in.shape[-1]))  # noqa: E731
+    one = lambda jacs: accumulate(list(jacs), emit, pairs=False)[::-1]  # noqa: E731
     return jax.vmap(one)([r.jac for r in tr.records]), finite_layers(tr)
 
 
@@ -259,7 +283,9 @@ def input_to_layer_jacobians(net: Model, params: Params, x) -> jax.Array:
     Jacobian at every depth of a deep network.
 
     Returns:
-        ``(S, L, d, d_in)``, GSC-paper indexing (``l = 0`` is the whole network).
+        ``(S, L, d, d_in)``, GSC-paper indexing (``l = 0`` is the whole network); a
+        layer of size ``d_l`` below the largest ``d`` fills the first ``d_l`` rows, NaN
+        after.
         Memory ``S * L * d * d_in`` numbers; for the whole network alone use
         :func:`input_output_jacobian`.
     """
@@ -291,3 +317,32 @@ def input_output_jacobian(net: Model, params: Params, x) -> jax.Array:
 @over_trace(jac=True)
 def _layer_jacobians_finite(model: Model, tr) -> jax.Array:
     return finite_layers(tr)
+
+
+@partial(jax.jit, static_argnums=0)
+def _layer_outputs(model: Model, params: Params, xs) -> list:
+    segments = jax.vmap(lambda v: forward(model, params, v)[1])(xs)
+    layers = [
+        jax.tree_util.tree_map(lambda a, i=i: a[:, i], seg)
+        for seg in segments
+        for i in range(jax.tree_util.tree_leaves(seg)[0].shape[1])
+    ]
+    return [*layers[::-1], xs]
+
+
+def layer_outputs(net: Model, params: Params, x) -> tuple:
+    """Every layer output ``f_0, ..., f_L`` of any model (built in, or read by
+    :func:`~jacobian_lab.chain`) on the inputs ``x``, from one forward pass.
+
+    Args:
+        net, params, x: as for every diagnostic (:func:`~jacobian_lab.driver.prepare`).
+
+    Returns:
+        A tuple of ``L + 1`` entries in the GSC paper's indexing: entry ``l`` is ``f_l``
+        (``0`` the output, ``L`` the analysed input, after a token-id model's embedding),
+        each with the layer's own shape (a pytree for pytree outputs) and a leading
+        sample axis ``S`` (``S`` batches of ``B`` for a batch-norm model: ``(S, B, ...)``).
+        :meth:`~jacobian_lab.Network.activations` is the stacked form for built-in
+        networks, whose hidden layers share one shape.
+    """
+    return tuple(_layer_outputs(net, params, prepare(net, params, x)))

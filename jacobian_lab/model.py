@@ -53,10 +53,13 @@ class Layer(NamedTuple):
         preactivation: optional ``(p, h) -> (h', z)``, the same output together with the
             value ``z`` fed into the layer's nonlinearity (the collapsing-domain statistics
             of :func:`~jacobian_lab.domain_statistics` need it). ``None``: unknown.
+        attention: optional ``(p, h) -> A`` for an attention layer: its attention weights
+            ``(heads, T, T)``, row ``t`` the distribution of query ``t`` over the keys.
     """
 
     apply: Apply
     preactivation: Callable[[Any, Any], tuple[Any, Any]] | None = None
+    attention: Apply | None = None
 
 
 class Block(NamedTuple):
@@ -69,11 +72,18 @@ class Block(NamedTuple):
             activation, a Post-LN transformer's layer norm with its params), or ``None``
             (a pre-activation block, output ``s + r``). With a post, the block's Jacobian
             is ``J_post (J_s + J_r)``, not ``J_s + J_r``.
+        preactivation: optional ``(p, h) -> z``, the value fed into the branch's (last)
+            elementwise nonlinearity, for the collapsing-domain statistics. ``None``:
+            unknown (or the branch has none).
+        attention: optional ``(p, h) -> A``, the attention weights ``(heads, T, T)`` of
+            an attention branch (see :class:`Layer`).
     """
 
     branch: Apply
     skip: Apply | None = None
     post: Apply | None = None
+    preactivation: Apply | None = None
+    attention: Apply | None = None
 
 
 class Repeat(NamedTuple):
@@ -99,6 +109,16 @@ def units_of(stage: Stage) -> tuple:
     """The layers and blocks one copy of a stage applies, in order (one, or a group's)."""
     unit = stage.stage if isinstance(stage, Repeat) else stage
     return (unit,) if isinstance(unit, Layer | Block) else tuple(unit)
+
+
+def layer_units(model) -> list:
+    """The unit (:class:`Layer` or :class:`Block`) that makes each layer output of
+    ``model``, from the input (one entry per layer, ``model.num_layers`` in all)."""
+    out = []
+    for s in model.stages:
+        units = units_of(s)
+        out += [units[j % len(units)] for j in range(stage_size(s))]
+    return out
 
 
 def stage_size(stage: Stage) -> int:
@@ -133,6 +153,12 @@ class Model:
 
     params_spec: Any = None
     """The expected params: a pytree of ``jax.ShapeDtypeStruct`` (see :func:`spec_of`)."""
+
+    def tie_gradients(self, grads: Params) -> Params:
+        """Gradients with respect to the params, with tied copies of one array summed
+        (see :meth:`~jacobian_lab.Chain.tie_gradients`); models without ties return them
+        as they are."""
+        return grads
 
     def embed_inputs(self, params: Params, x: Any) -> Any:
         """The analysed input ``f_L`` for the inputs ``x`` as given: ``x`` itself, except
@@ -178,6 +204,12 @@ class Model:
                 if isinstance(units[j % len(units)], Block)
             ]
         return tuple(posts[::-1])
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """Index (from the input, as in :attr:`names`) of every layer output made by a unit
+        with attention weights (its ``attention``)."""
+        return tuple(i for i, u in enumerate(layer_units(self)) if u.attention is not None)
 
     def layer_label(self, l: int) -> str:
         """A readable name of the layer whose output is ``f_l`` (GSC-paper index)."""
@@ -249,7 +281,17 @@ def _tap_copy(tap, units: tuple, ps: tuple, h, e):
     for j, (unit, p) in enumerate(zip(units, ps, strict=True)):
         h, rec = tap(unit, p, h, None if e is None else _index(e, j))
         recs.append(rec)
-    return h, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *recs)
+    return h, jax.tree_util.tree_map(_stack_ragged, *recs)
+
+
+def _stack_ragged(*values):
+    """Stack the units' values of one record field; vectors of different lengths (the
+    pre-activations of an attention and an MLP sublayer) are padded with NaN at the end
+    (NaN: not a value of that unit)."""
+    n = max(v.shape[-1] for v in values) if values[0].ndim else 0
+    if any(v.shape != values[0].shape for v in values) and all(v.ndim == 1 for v in values):
+        values = [jnp.pad(v, (0, n - v.shape[0]), constant_values=jnp.nan) for v in values]
+    return jnp.stack(values)
 
 
 def require_float_arrays(out) -> None:
@@ -379,6 +421,15 @@ def tracer_hint(e: Exception | None, i: int, name: str) -> Exception:
         "layer needs as its params, (apply, params) with apply(params, h), instead of "
         "closing over them." + said
     )
+
+
+@partial(jax.jit, static_argnums=0)
+def apply_batch(model: Model, params, x) -> Any:
+    """``f_0`` of a batch ``x`` (one compiled program): every input on its own for a
+    per-example model, the whole batch as one sample for a batch-coupled one."""
+    if model.batch_coupled:
+        return forward(model, params, x)[0]
+    return jax.vmap(lambda v: forward(model, params, v)[0])(x)
 
 
 def forward(model: Model, params, x, eps: list | None = None) -> tuple[Any, list]:

@@ -41,11 +41,31 @@ import jax.numpy as jnp
 from jacobian_lab.activations import get_activation
 from jacobian_lab.checks import check_memory
 from jacobian_lab.initializers import INITIALIZERS, normal, weight_matrix
-from jacobian_lab.model import Block, Layer, Model, Params, Repeat, forward, walk
+from jacobian_lab.model import Block, Layer, Model, Params, Repeat, apply_batch, forward, walk
 
 NORMS = ("none", "layer", "batch")
 STEPS = ("linear", "norm", "act")
 BLOCK_ORDERS = ("pre", "post")
+
+
+@partial(jax.jit, static_argnums=0)
+def _activations(net, params, x):
+    one = lambda v: jnp.concatenate(forward(net, params, v)[1])[::-1]  # noqa: E731
+    if net.batch_coupled:
+        return one(x)
+    return jnp.moveaxis(jax.vmap(one)(x), 0, 1)
+
+
+@partial(jax.jit, static_argnums=0)
+def _activations_and_preactivations(net, params, x):
+    def one(v):
+        tap = lambda unit, p, h, _: (lambda o: (o[0], o))(unit.preactivation(p, h))  # noqa: E731
+        records = walk(net, params, v, tap)[1]
+        return tuple(jnp.concatenate(f)[::-1] for f in zip(*records, strict=True))
+
+    if net.batch_coupled:
+        return one(x)
+    return tuple(jnp.moveaxis(a, 0, 1) for a in jax.vmap(one)(x))
 
 
 @partial(jax.jit, static_argnums=0)
@@ -117,7 +137,7 @@ class Network(Model):
         """The stages (see the module docstring)."""
         if self.residual:
             post = self.post_activation if self.block_order == "post" else None
-            unit = Block(self.branch, None, post)
+            unit = Block(self.branch, None, post, self.branch_preactivation)
             return (Layer(self._linear), Repeat(unit, self.num_blocks))
         dense = Layer(self.dense, self.dense_with_preactivation)
         return (dense,) if self.depth == 1 else (dense, Repeat(dense, self.depth - 1))
@@ -214,6 +234,11 @@ class Network(Model):
         r, _ = jax.lax.scan(lambda c, q: (self.dense(q, c), None), h, p)
         return self.residual_scale * r
 
+    def branch_preactivation(self, p: Params, h: jax.Array) -> jax.Array:
+        """The value fed into the nonlinearity of the branch's last dense layer."""
+        _, pres = jax.lax.scan(lambda c, q: self.dense_with_preactivation(q, c), h, p)
+        return pres[-1]
+
     def stem(self, params: Params, x: jax.Array) -> jax.Array:
         """The stem on ``x``: the first dense layer, or a ResNet's linear projection."""
         if self.residual:
@@ -267,9 +292,7 @@ class Network(Model):
     def apply(self, params: Params, x: jax.Array) -> jax.Array:
         """Network output ``f_0`` for a batch ``x`` of shape ``(B, *example_shape)``."""
         self.check_input(x)
-        if self.batch_coupled:
-            return forward(self, params, x)[0]
-        return jax.vmap(lambda v: forward(self, params, v)[0])(x)
+        return apply_batch(self, params, x)
 
     def activations(self, params: Params, x: jax.Array) -> jax.Array:
         """Every layer's output for a batch ``x`` of shape ``(B, *example_shape)``.
@@ -280,10 +303,7 @@ class Network(Model):
             (``f_L = x`` itself is not repeated). ``L = num_layers``.
         """
         self.check_input(x)
-        one = lambda v: jnp.concatenate(forward(self, params, v)[1])[::-1]  # noqa: E731
-        if self.batch_coupled:
-            return one(x)
-        return jnp.moveaxis(jax.vmap(one)(x), 0, 1)
+        return _activations(self, params, x)
 
     def preactivations(self, params: Params, x: jax.Array) -> jax.Array:
         """The values fed into each dense layer's nonlinearity, for a plain network:
@@ -302,15 +322,7 @@ class Network(Model):
                 "is net.activations(params, x)"
             )
         self.check_input(x)
-
-        def one(v):
-            tap = lambda unit, p, h, _: (lambda o: (o[0], o))(unit.preactivation(p, h))  # noqa: E731
-            records = walk(self, params, v, tap)[1]
-            return tuple(jnp.concatenate(f)[::-1] for f in zip(*records, strict=True))
-
-        if self.batch_coupled:
-            return one(x)
-        return tuple(jnp.moveaxis(a, 0, 1) for a in jax.vmap(one)(x))
+        return _activations_and_preactivations(self, params, x)
 
     @property
     def hidden_shape(self) -> tuple[int, ...]:

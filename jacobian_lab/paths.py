@@ -35,7 +35,6 @@ from jacobian_lab.driver import (
     log_norm,
     norm,
     over_trace,
-    per_layer,
     prepare,
 )
 from jacobian_lab.initializers import normal
@@ -97,6 +96,7 @@ def path_decomposition(
     return G * jnp.exp(log_c), per_path
 
 
+@partial(jax.jit, static_argnums=3)
 def _paths(branch_jacobians: jax.Array, v: jax.Array, key: jax.Array, num_paths: int):
     """:func:`path_decomposition` with ``G`` returned as ``(G / c, log c)``: the sums are
     rescaled by a common factor at every block and the sampled paths one by one, so that
@@ -139,18 +139,59 @@ def _paths(branch_jacobians: jax.Array, v: jax.Array, key: jax.Array, num_paths:
 def _path_gradients(model: Model, tr, key: jax.Array, num_paths):
     records = list(tr.records)
     first = next(i for i, r in enumerate(records) if r.branch is not None)
-    blocks = records[first:]
-    if any(r.branch is None or r.skip_jac is not None for r in blocks):
-        raise ValueError(
-            "path_gradients needs the residual blocks to be consecutive, with identity "
-            "skips: every layer from the first block to the output must be such a block "
-            "(the gradient is taken at the first block's input)"
-        )
-    J_r = per_layer([r.branch_jac for r in blocks])  # (S, n, d, d), block nearest the output first
+    n = sum(r.out.shape[1] for r in records[first:] if r.branch is not None)
     out0 = records[-1].out[:, -1]
     v = normal(key, out0.shape, out0.dtype)  # drawn in float32: the same in both precisions
-    keys = jax.random.split(jax.random.fold_in(key, 1), J_r.shape[0])
-    G, log_c, per_path = jax.vmap(partial(_paths, num_paths=num_paths))(J_r, v, keys)
+    keys = jax.random.split(jax.random.fold_in(key, 1), out0.shape[0])
+
+    def one(v, key, segments):
+        ranks = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, num_paths))
+        take = ranks[None, :, :] < jnp.arange(n + 1)[:, None, None]  # (n+1, M, n)
+        n_v = norm(v)
+        carry = (
+            jnp.zeros((n + 1, v.shape[0]), v.dtype).at[0].set(v),  # G_k, rescaled
+            jnp.zeros((), v.dtype),  # log of G's scale
+            jnp.broadcast_to(v / jnp.where(n_v > 0, n_v, 1), (n + 1, num_paths, v.shape[0])),
+            jnp.broadcast_to(jnp.log(n_v), (n + 1, num_paths)),  # log of each path's scale
+            jnp.zeros((), jnp.int32),  # blocks passed so far, from the output
+        )
+
+        def step(carry, jacs):  # one layer, from the output down
+            G, log_c, g, log_s, b = carry
+            J, J_s, J_r, J_p = jacs
+            if J_r is None:  # not a block: every path passes through it
+                G, g = G @ J, g @ J
+            else:
+                if J_p is not None:
+                    G, g = G @ J_p, g @ J_p
+                skip_G, skip_g = (G, g) if J_s is None else (G @ J_s, g @ J_s)
+                through = G @ J_r
+                G = skip_G + jnp.concatenate([jnp.zeros_like(through[:1]), through[:-1]])
+                g = jnp.where(take[:, :, b, None], g @ J_r, skip_g)
+                b = b + 1
+            c = jnp.max(norm(G))
+            rn = norm(g)
+            return (
+                G / jnp.where(c > 0, c, 1),
+                log_c + jnp.log(c),
+                g / jnp.where(rn > 0, rn, 1)[..., None],
+                log_s + jnp.log(rn),
+                b,
+            ), None
+
+        for jacs in segments[::-1]:  # a Python loop over the few segments, a scan within
+            if jacs[0].shape[0] == 1:
+                carry, _ = step(carry, jax.tree_util.tree_map(lambda a: a[0], jacs))
+            else:
+                carry, _ = jax.lax.scan(
+                    step, carry, jax.tree_util.tree_map(lambda a: a[::-1], jacs)
+                )
+        G, log_c, _, log_s, _ = carry
+        per_path = jnp.exp(logsumexp(log_s, axis=1) - jnp.log(num_paths))
+        return G, log_c, per_path
+
+    segments = [(r.jac, r.skip_jac, r.branch_jac, r.post_jac) for r in records[first:]]
+    G, log_c, per_path = jax.vmap(one)(v, keys, segments)
     exact = jnp.exp(log_norm(G) + log_c[:, None])
     full = jnp.exp(log_norm(G.sum(axis=1)) + log_c)
     return PathGradients(exact, per_path, full), finite_layers(tr)
@@ -163,18 +204,20 @@ def path_gradients(
 
     Args:
         net, params, x: as for every diagnostic (:func:`~jacobian_lab.driver.prepare`),
-            ``net`` with blocks ``f -> f + r(f)`` (identity skip, no post-activation) from
-            its first block to the output: a :func:`~jacobian_lab.resmlp` with
-            ``block_order="pre"``, or a chain of :class:`~jacobian_lab.Residual` layers
-            after a stem.
+            ``net`` with residual blocks. A block ``post(s(f) + r(f))`` offers every path
+            two ways, its skip (the identity, or a projection ``J_s``) and its branch
+            ``J_r``, both followed by its post's Jacobian; a layer that is not a block
+            after the first block (a head, a layer between stages) is on every path.
+            Blocks may differ in size (a ResNet's stages).
         key: PRNG key for the output direction ``v`` and the sampled paths.
         num_paths: single paths sampled per length.
 
     Returns:
         :class:`PathGradients` over lengths ``0 .. n`` (``n`` blocks); the gradient is
-        taken at the input of the first block.
+        taken at the input of the first block; ``full`` is the whole gradient there, the
+        sum over all ``2^n`` paths.
     """
-    require_blocks(net, pre=True)
+    require_blocks(net)
     out, ok = _path_gradients(net, params, prepare(net, params, x), key, num_paths)
     check_finite(ok, net)
     if not bool(jnp.all(jnp.isfinite(out.exact) & jnp.isfinite(out.per_path))):

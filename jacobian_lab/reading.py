@@ -438,7 +438,65 @@ class Unit(NamedTuple):
 
 
 _LINEAR = {"dot_general", "conv_general_dilated"}
+# elementwise primitives: each output entry is a function of the same entry of the inputs
+_ELEMENTWISE = {
+    "add", "add_any", "sub", "mul", "div", "neg", "max", "min", "abs", "sign", "exp",
+    "exp2", "log", "log1p", "expm1", "tanh", "logistic", "erf", "erfc", "erf_inv",
+    "integer_pow", "pow", "sqrt", "rsqrt", "cbrt", "square", "sin", "cos", "atan",
+    "select_n", "convert_element_type", "copy", "copy_p", "clamp", "stop_gradient",
+}  # fmt: skip
+# ... and of those, the ones that are linear in an operand when the other is a constant
+_AFFINE = {"add", "add_any", "sub", "mul", "div", "neg", "convert_element_type", "copy"}
+
+
+def _elementwise(eqn, memo: dict) -> bool:
+    """Whether ``eqn`` is elementwise: a primitive of :data:`_ELEMENTWISE`, or a
+    ``jit``/``custom_jvp``/``custom_vjp`` call whose body is (``jax.nn.relu``, ``silu``)."""
+    name = eqn.primitive.name
+    if name in _ELEMENTWISE:
+        return True
+    subs = _subjaxprs(eqn.params)
+    if name not in _INLINE or len(subs) != 1:
+        return False
+    key = id(subs[0][0])
+    if key not in memo:
+        memo[key] = all(_elementwise(e, memo) for e in subs[0][0].eqns)
+    return memo[key]
+
+
+def _nonlinear(eqn, dep) -> bool:
+    """Whether an elementwise ``eqn`` is nonlinear in its input-dependent operands."""
+    moving = [a for a in eqn.invars if isinstance(a, jcore.Var) and a in dep]
+    if eqn.primitive.name in _AFFINE:
+        return eqn.primitive.name in ("mul", "div") and len(moving) > 1  # x * sigmoid(x)
+    return True
+
+
 _ADD = {"add", "add_any"}
+
+
+def _dominators(eqns: Sequence, start, dep) -> tuple[dict, dict]:
+    """Immediate dominators (and depths) of the input-dependent values of ``eqns`` (in
+    program order) from ``start``: ``idom[v]`` is the nearest value every path from
+    ``start`` to ``v`` passes through (``start`` itself has ``None``)."""
+    idom, depth = {start: None}, {start: 0}
+
+    def lca(u, v):
+        while u is not v:
+            if depth[u] >= depth[v]:
+                u = idom[u]
+            else:
+                v = idom[v]
+        return u
+
+    for e in eqns:
+        ins = [v for v in e.invars if isinstance(v, jcore.Var) and v in idom]
+        if not ins:
+            continue
+        d = functools.reduce(lca, ins)
+        for o in e.outvars:
+            idom[o], depth[o] = d, depth[d] + 1
+    return idom, depth
 
 
 class _Graph:
@@ -499,6 +557,70 @@ class _Graph:
         values = [consts[v] for v in cvars]
         text = str(jaxpr) + "".join(_digest(c) for c in values)
         return Sub(jaxpr, values, tuple(self.param_index[v] for v in pvars), text)
+
+    def preactivation(self, targets: Sequence, starts: Sequence, last_only: bool):
+        """The pre-activation on the path ``starts -> targets`` (one start): the value
+        ``z`` such that the target (``last_only``), or else the last value in the branch
+        that feeds something other than an elementwise operation, is an elementwise
+        nonlinear function of ``z`` alone (``relu(z)``, the tanh form of ``gelu(z)``,
+        ``z * sigmoid(z)``), ``z`` the nearest such value; ``None`` if there is none. In a
+        branch the value must feed a matrix product (a neuron's activation feeding the
+        next layer), so a softmax's exponential does not count."""
+        if len(starts) != 1:
+            return None
+        eqns = [e for e in self.sub(targets, starts).jaxpr.eqns]
+        eqns = [e for e in eqns if any(o in self.dep for o in e.outvars)]
+        memo: dict = {}
+        idom, _ = _dominators(eqns, starts[0], self.dep)
+
+        def pre_of(w):
+            d = idom.get(w)
+            while d is not None:
+                cone = [
+                    e
+                    for e in self.sub([w], [d]).jaxpr.eqns
+                    if any(o in self.dep for o in e.outvars)
+                ]
+                if not all(_elementwise(e, memo) for e in cone):
+                    return None
+                if any(_nonlinear(e, self.dep) for e in cone):
+                    return d
+                d = idom.get(d)
+            return None
+
+        if last_only:
+            return pre_of(targets[0])
+        # a neuron's activation feeds a linear map (the next layer's matrix product)
+        feeds = {
+            v
+            for e in eqns
+            if e.primitive.name in _LINEAR
+            for v in e.invars
+            if isinstance(v, jcore.Var)
+        }
+        ends = [o for e in eqns if _elementwise(e, memo) for o in e.outvars]
+        ends = [v for v in ends if v in feeds or v in targets][::-1]
+        for w in ends[:8]:  # the last few: the branch's last nonlinearity is near its end
+            z = pre_of(w)
+            if z is not None:
+                return z
+        return None
+
+    def softmax(self, targets: Sequence, starts: Sequence):
+        """The first softmax on the path ``starts -> targets`` whose result has at least
+        three axes (heads, queries, keys): an exponential divided by its sum over the last
+        axis, as ``jax.nn.softmax`` and the attention layers of Flax, Equinox and
+        ``jax.nn.dot_product_attention`` compute it; ``None`` if there is none."""
+        eqns = self.sub(targets, starts).jaxpr.eqns
+        made = {o: e for e in eqns for o in e.outvars}
+        for e in eqns:
+            if e.primitive.name != "div" or len(e.outvars[0].aval.shape) < 3:
+                continue
+            num, den = e.invars
+            top = made.get(num) if isinstance(num, jcore.Var) else None
+            if top is not None and top.primitive.name == "exp" and den.aval.shape[-1] == 1:
+                return e.outvars[0]
+        return None
 
     def matmuls(self, target, start) -> tuple[int, int]:
         """(matrix products, equations) on the input-dependent path ``start -> target``."""
@@ -581,34 +703,18 @@ def units(graph: _Graph, piece: Piece, calls: Sequence | None) -> list:
     if piece.kind == "scan":
         return [scan_stage(graph, piece, calls)]
     if len(piece.inputs) != 1 or len(piece.outputs) != 1 or piece.kind != "block":
-        sub = graph.sub(piece.outputs, piece.inputs)
-        return [Unit("layer", {"apply": sub}, piece.inputs, piece.outputs, piece.label)]
+        return [_layer(graph, piece)]
     (b,), (e,) = piece.inputs, piece.outputs
     mine = set(piece.eqns)
     inside = {b} | {o for i in piece.eqns for o in prog.eqns[i].outvars}
-    idom: dict = {b: None}
-    depth = {b: 0}
-
-    def lca(u, v):
-        while u is not v:
-            if depth[u] >= depth[v]:
-                u = idom[u]
-            else:
-                v = idom[v]
-        return u
-
+    idom, _ = _dominators([prog.eqns[i] for i in piece.eqns], b, inside)
     uses: dict = {}
     for i in piece.eqns:
-        eqn = prog.eqns[i]
-        ins = [v for v in eqn.invars if isinstance(v, jcore.Var) and v in inside]
-        for v in ins:
-            uses[v] = uses.get(v, 0) + 1
-        d = functools.reduce(lca, ins)
-        for o in eqn.outvars:
-            idom[o], depth[o] = d, depth[d] + 1
+        for v in prog.eqns[i].invars:
+            if isinstance(v, jcore.Var) and v in inside:
+                uses[v] = uses.get(v, 0) + 1
     if not isinstance(e, jcore.Var) or e not in idom:
-        sub = graph.sub(piece.outputs, piece.inputs)
-        return [Unit("layer", {"apply": sub}, piece.inputs, piece.outputs, piece.label)]
+        return [_layer(graph, piece)]
     chain, v = [], e
     while v is not None:
         chain.append(v)
@@ -640,8 +746,7 @@ def units(graph: _Graph, piece: Piece, calls: Sequence | None) -> list:
 
     adds = [v for v in chain[1:] if is_sum(v)]
     if not adds:
-        sub = graph.sub(piece.outputs, piece.inputs)
-        return [Unit("layer", {"apply": sub}, piece.inputs, piece.outputs, piece.label)]
+        return [_layer(graph, piece)]
     out = []
     for n, z in enumerate(adds):
         h = idom[z]
@@ -654,16 +759,35 @@ def units(graph: _Graph, piece: Piece, calls: Sequence | None) -> list:
             skip = min(ts, key=lambda t, h=h: graph.matmuls(t, h))
         branch = list(ts)
         branch.remove(skip)
+        pre = graph.preactivation(branch, [start], last_only=False)
+        att = graph.softmax(branch, [start])
         subs = {
             "branch": graph.sub(branch, [start]),
             "skip": None if skip is start else graph.sub([skip], [start]),
             "post": None if z is end else graph.sub([end], [z]),
+            "pre": None if pre is None else graph.sub([pre], [start]),
+            "attention": None if att is None else graph.sub([att], [start]),
         }
         label = piece.label
         if len(adds) > 1:
             label = _unit_label(subs["branch"].jaxpr.eqns, branch, prog, piece.label, calls, n)
         out.append(Unit("block", subs, (start,), (end,), label))
     return out
+
+
+def _layer(graph: _Graph, piece: Piece) -> Unit:
+    """A piece as one layer; with its pre-activation when its output is made by an
+    elementwise nonlinearity (``{"apply", "pre"}``: the output and that value)."""
+    pre = None
+    if len(piece.outputs) == 1 and isinstance(piece.outputs[0], jcore.Var):
+        pre = graph.preactivation(piece.outputs, piece.inputs, last_only=True)
+    att = graph.softmax(piece.outputs, piece.inputs) if len(piece.inputs) == 1 else None
+    subs = {
+        "apply": graph.sub(piece.outputs, piece.inputs),
+        "pre": None if pre is None else graph.sub([*piece.outputs, pre], piece.inputs),
+        "attention": None if att is None else graph.sub([att], piece.inputs),
+    }
+    return Unit("layer", subs, piece.inputs, piece.outputs, piece.label)
 
 
 def _unit_label(eqns, terms, prog: Program, prefix: str, calls, n: int) -> str:
@@ -708,7 +832,14 @@ def _unit_label(eqns, terms, prog: Program, prefix: str, calls, n: int) -> str:
 # -- 4. stages ---------------------------------------------------------------------------
 
 
-def _runner(sub: Sub, leading: bool, total: bool = False, out_tree=None):
+def _runner(
+    sub: Sub,
+    leading: bool,
+    total: bool = False,
+    out_tree=None,
+    pair: bool = False,
+    heads: bool = False,
+):
     """``(p, h) -> value`` evaluating ``sub`` on the unit's params tuple ``p`` (indexed by
     the positions of ``sub.params`` in the unit's leaves, bound at :func:`stages`) and
     ``h`` (a pytree whose leaves are the sub's inputs); ``leading``: the program was
@@ -724,6 +855,10 @@ def _runner(sub: Sub, leading: bool, total: bool = False, out_tree=None):
             outs = [o[0] for o in outs]
         if total:
             return functools.reduce(jnp.add, outs)
+        if pair:  # (output, pre-activation)
+            return outs[0], outs[1]
+        if heads:  # attention weights (..., T_q, T_k) -> (heads, T_q, T_k)
+            return outs[0].reshape(-1, *outs[0].shape[-2:])
         return out_tree.unflatten(outs) if out_tree is not None else outs[0]
 
     return run
@@ -741,9 +876,18 @@ def unit_stage(u: Unit, leading: bool, out_tree=None) -> Layer | Block:
         idx = tuple(pos[i] for i in sub.params)
         return lambda p, h: run([p[k] for k in idx], h)
 
+    subs = u.subs
+    attention = bind(subs.get("attention"), heads=True)
     if u.kind == "layer":
-        return Layer(bind(u.subs["apply"], out_tree=out_tree))
-    return Block(bind(u.subs["branch"], total=True), bind(u.subs["skip"]), bind(u.subs["post"]))
+        pre = None if out_tree is not None else bind(subs.get("pre"), pair=True)
+        return Layer(bind(subs["apply"], out_tree=out_tree), pre, attention)
+    return Block(
+        bind(subs["branch"], total=True),
+        bind(subs["skip"]),
+        bind(subs["post"]),
+        bind(subs.get("pre")),
+        attention,
+    )
 
 
 def group(idents: Sequence, max_period: int = 4) -> list[tuple[int, int, int]]:

@@ -87,6 +87,7 @@ class History(NamedTuple):
 def model_outputs(model: Model, params: Params, x) -> jax.Array:
     """The model's output ``f_0`` for a batch ``x (B, ...)``, flattened to ``(B, d_0)``
     (a batch-coupled model sees ``x`` as one batch)."""
+    x = model.embed_inputs(params, x)  # token ids through a read language model's stem
     xs = x[None] if model.batch_coupled else x
     f0 = jax.vmap(lambda s: forward(model, params, s)[0])(xs)
     if not isinstance(f0, jax.Array):
@@ -337,11 +338,13 @@ def _train_runs(
                 idx = jax.random.permutation(jax.random.fold_in(batch_key, t), n)[:batch_size]
                 x, y = x_train[idx], y_train[idx]
             grads = jax.grad(loss, has_aux=True)(both, x, y)[0]
+            grads = (model.tie_gradients(grads[0]), grads[1])  # tied copies stay equal
             updates, state = opt.update(grads, state, both)
             return optax.apply_updates(both, updates), state
 
         def measure(both, state, t):
             (value, z_train), grads = jax.value_and_grad(loss, has_aux=True)(both, x_train, y_train)
+            grads = (model.tie_gradients(grads[0]), grads[1])
             updates, _ = opt.update(grads, state, both)
             p, h = both
             z_test = logits(model, p, h, x_test, readout_scale=scale)

@@ -70,7 +70,7 @@ import jax.numpy as jnp
 from jacobian_lab.activations import get_activation
 from jacobian_lab.checks import check_memory
 from jacobian_lab.initializers import weight_matrix
-from jacobian_lab.model import Block, Layer, Model, Params, Repeat, forward
+from jacobian_lab.model import Block, Layer, Model, Params, Repeat, apply_batch
 from jacobian_lab.networks import normalize
 
 TRANSFORMER_NORMS = ("pre", "post", "none")
@@ -139,13 +139,6 @@ class Transformer(Model):
             f"block{i}.{s}" for i in range(1, self.num_blocks + 1) for s in self.sublayers
         )
         return (*names, "final_norm") if self.norm == "pre" else names
-
-    @cached_property
-    def attention_layers(self) -> tuple[int, ...]:
-        """Index of every attention sublayer's output among the layer outputs, from the
-        input (``names[i]`` is ``block{j}.attn``)."""
-        k = len(self.sublayers)
-        return tuple(k * j for j in range(self.num_blocks))
 
     def stage_params(self, params: Params) -> tuple:
         blocks = params["blocks"]
@@ -270,15 +263,17 @@ class Transformer(Model):
             "attn": (self.attention, self.attention_layer),
             "mlp": (self.mlp, self.mlp_layer),
         }[sublayer]
+        attention = self.attention_weights if sublayer == "attn" else None
         if not self.skips:
-            return Layer(layer)
-        return Block(branch, None, self.post_norm if self.norm == "post" else None)
+            return Layer(layer, attention=attention)
+        post = self.post_norm if self.norm == "post" else None
+        return Block(branch, None, post, attention=attention)
 
     # -- forward on a batch --------------------------------------------------------------
     def apply(self, params: Params, x: jax.Array) -> jax.Array:
         """The output ``f_0`` for a batch of token matrices ``(B, seq_len, width)``."""
         self.samples(x)
-        return jax.vmap(lambda v: forward(self, params, v)[0])(x)
+        return apply_batch(self, params, x)
 
 
 def _dense(p: Params, h: jax.Array) -> jax.Array:

@@ -228,9 +228,6 @@ def test_other_bad_input(key):
         jl.gsc(ch, params[:1], _x(2, 4))
     with pytest.raises(ValueError, match="no residual blocks"):
         jl.block_gsc(ch, params, _x(2, 4))
-    mixed, mp = _mixed_chain(key)
-    with pytest.raises(ValueError, match="needs every layer after the first"):
-        jl.layer_to_layer_jacobians(mixed, mp, jnp.ones((1, 5, 5, 2)))
     with pytest.raises(TypeError, match="pass init="):
         jl.gsc_over_seeds(ch, jax.random.split(key, 2), _x(2, 4))
 
@@ -247,3 +244,22 @@ def test_non_finite_layer_is_named(key):
     )
     with pytest.raises(FloatingPointError, match=r"'log' \(layer 2 of 3 from the input\)"):
         jl.gsc(ch, params, _x(2, 3))
+
+
+def test_layers_of_several_sizes_give_padded_jacobians(key):
+    """A chain whose layers change size (a conv layer, then dense layers): the stacked
+    Jacobians are padded with NaN, and each layer's own block is its Jacobian: the chain
+    rule of the padded blocks gives the input-output Jacobian."""
+    mixed, mp = _mixed_chain(key)
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 5, 2), jnp.float64)
+    lj = jl.layer_jacobians(mixed, mp, x)
+    L = mixed.num_layers
+    prod = lj.layer(L - 1)
+    for l in range(L - 2, -1, -1):
+        prod = lj.layer(l) @ prod
+    np.testing.assert_allclose(prod, jl.input_output_jacobian(mixed, mp, x), rtol=1e-10)
+    assert np.isnan(lj.units).any()  # the padding
+    pj = jl.layer_to_layer_jacobians(mixed, mp, x)
+    d0 = prod.shape[1]
+    np.testing.assert_allclose(pj.from_input[:, 0, :d0], prod, rtol=1e-10)
+    assert np.all(np.isnan(pj.from_input[:, 0, d0:]))

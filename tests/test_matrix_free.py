@@ -224,7 +224,8 @@ def test_gsc_auto_goes_matrix_free_beyond_the_memory_budget(key):
     p = net.init(key)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 16), jnp.float64)
     np.testing.assert_array_equal(jl.gsc(net, p, x), jl.gsc(net, p, x, method="dense"))
-    small = jl.gsc(net, p, x, memory_budget=1000)
+    with pytest.warns(jl.AutoMethodWarning, match=r"GiB.*jl.gsc_estimate"):
+        small = jl.gsc(net, p, x, memory_budget=1000)
     np.testing.assert_array_equal(
         small, jl.gsc_estimate(net, p, x, jax.random.PRNGKey(0), num_probes=64).value
     )

@@ -351,3 +351,20 @@ def test_two_reads_of_one_architecture_share_compiled_programs():
     assert not np.allclose(ga, gb)  # another seed's numbers
     c, _ = jl.chain(_linen(ResMLP(blocks=2), x), x)
     assert c != a
+
+
+def test_layer_outputs_of_any_model():
+    """jl.layer_outputs gives every f_l with its own shape; the built-in activations are
+    its stacked form."""
+    x = _x()
+    net = jl.resmlp(3, D, "relu", dtype="float64")
+    params = net.init(jax.random.PRNGKey(0))
+    outs = jl.layer_outputs(net, params, x)
+    assert len(outs) == net.num_layers + 1
+    np.testing.assert_allclose(jnp.stack(outs[:-1]), net.activations(params, x), rtol=1e-12)
+    np.testing.assert_allclose(outs[-1], x)
+    bound = _linen(ResMLP(), x)
+    read, rp = jl.chain(bound, x)
+    outs = jl.layer_outputs(read, rp, x)
+    assert [o.shape for o in outs] == [(3, 2)] + [(3, D)] * 4 + [(3, D)]
+    np.testing.assert_allclose(outs[0], ResMLP().apply(bound.variables, x), rtol=1e-12)

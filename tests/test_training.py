@@ -262,3 +262,28 @@ def test_a_diverging_run_warns_and_bad_counts_are_refused():
         jl.train_runs(net, params, data, keys=keys, learning_rates=[1e30], steps=5)
     with pytest.raises(ValueError, match="gsc_samples"):
         jl.train_runs(net, params, data, keys=keys, learning_rates=[0.1], gsc_samples=-1)
+
+
+def test_tied_weights_stay_tied():
+    """One array used by two layers: in a list of layers the copies get the summed
+    gradient and stay equal; in a model read whole it is one leaf. Both train the same."""
+    W = jax.random.normal(jax.random.PRNGKey(0), (6, 6)) / 3
+    V = jax.random.normal(jax.random.PRNGKey(1), (6, 6)) / 3
+    layer = lambda A, h: jnp.tanh(A @ h)  # noqa: E731
+    listed, lp = jl.chain([(layer, W), (layer, V), (layer, W)])
+    assert listed.ties == ((0, 2),)
+
+    def apply(p, x):
+        for A in (p["W"], p["V"], p["W"]):
+            x = jl.tap(jnp.tanh(x @ A.T))
+        return x
+
+    read, rp = jl.chain((apply, {"W": W, "V": V}), jnp.ones((2, 6)))
+    data = jl.gaussian_data(jax.random.PRNGKey(2), num_train=64, num_test=32, dim=6, num_classes=3)
+    kw = {"key": jax.random.PRNGKey(3), "steps": 10, "learning_rate": 0.3, "optimizer": "adam"}
+    a = jl.train(listed, lp, data, **kw)
+    b = jl.train(read, rp, data, **kw)
+    np.testing.assert_array_equal(a.params[0], a.params[2])  # kept equal
+    assert not np.allclose(a.params[0], W)  # and trained
+    np.testing.assert_allclose(a.params[0], b.params["W"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-5)

@@ -14,7 +14,7 @@ from flax import nnx
 
 class Block(nnx.Module):
     def __init__(self, dim: int, heads: int, dropout: float, *, rngs: nnx.Rngs, dtype):
-        kw = {"param_dtype": dtype, "dtype": dtype, "rngs": rngs}
+        kw = {"param_dtype": jnp.float32, "dtype": dtype, "rngs": rngs}
         self.attn = nnx.MultiHeadAttention(heads, dim, dropout_rate=dropout, decode=False, **kw)
         self.ln_1 = nnx.LayerNorm(dim, **kw)
         self.fc = nnx.Linear(dim, 4 * dim, **kw)
@@ -30,8 +30,8 @@ class Block(nnx.Module):
 
 class GPT(nnx.Module):
     def __init__(self, vocab, context, dim, depth, heads, dropout=0.1, *, rngs, dtype=jnp.float32):
-        self.wte = nnx.Embed(vocab, dim, param_dtype=dtype, dtype=dtype, rngs=rngs)
-        self.wpe = nnx.Embed(context, dim, param_dtype=dtype, dtype=dtype, rngs=rngs)
+        self.wte = nnx.Embed(vocab, dim, param_dtype=jnp.float32, dtype=dtype, rngs=rngs)
+        self.wpe = nnx.Embed(context, dim, param_dtype=jnp.float32, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.blocks = nnx.List(
             [Block(dim, heads, dropout, rngs=rngs, dtype=dtype) for _ in range(depth)]
@@ -61,7 +61,12 @@ def make(size: str = "tiny", key=None, dtype=jnp.float32):
     @nnx.jit
     def create(key):
         rngs = nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 7))
-        return GPT(**cfg, rngs=rngs, dtype=dtype)
+        model = GPT(**cfg, rngs=rngs, dtype=dtype)
+        # drawn in float32 (param_dtype), computed in dtype: a float64 model has its
+        # float32 twin's weights
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.tree.map(lambda a: a.astype(dtype), params))
+        return model
 
     model = create(key)
     ids = jax.random.randint(jax.random.fold_in(key, 1), (batch, cfg["context"]), 0, cfg["vocab"])

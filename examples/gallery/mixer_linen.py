@@ -84,9 +84,8 @@ def make(size: str = "tiny", key=None, dtype=jnp.float32):
     key = jax.random.PRNGKey(0) if key is None else key
     p = cfg["patch"]
     model = MlpMixer((p, p), 10, cfg["blocks"], cfg["hidden"], cfg["tokens"], cfg["channels"])
-    x = jax.random.normal(
-        jax.random.fold_in(key, 1), (cfg["batch"], cfg["image"], cfg["image"], 3), dtype
-    )
+    shape = (cfg["batch"], cfg["image"], cfg["image"], 3)
+    x = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.float32).astype(dtype)
     init = jax.jit(lambda k: jax.tree.map(lambda a: a.astype(dtype), model.init(k, x)))
     variables = init(key)
     return model.bind(variables), x

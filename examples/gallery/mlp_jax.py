@@ -16,7 +16,10 @@ def init(key, sizes, dtype=jnp.float32):
     keys = jax.random.split(key, len(sizes) - 1)
     for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True):
         params.append(
-            {"W": jax.random.normal(k, (m, n), dtype) / jnp.sqrt(m), "b": jnp.zeros(n, dtype)}
+            {
+                "W": (jax.random.normal(k, (m, n), jnp.float32) / jnp.sqrt(m)).astype(dtype),
+                "b": jnp.zeros(n, dtype),
+            }
         )
     return params
 
@@ -39,5 +42,6 @@ def make(size: str = "tiny", key=None, dtype=jnp.float32):
     cfg = SIZES[size]
     key = jax.random.PRNGKey(0) if key is None else key
     sizes = [cfg["width"]] * (cfg["depth"] + 1) + [10]
-    x = jax.random.normal(jax.random.fold_in(key, 1), (cfg["batch"], cfg["width"]), dtype)
+    shape = (cfg["batch"], cfg["width"])
+    x = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.float32).astype(dtype)
     return (apply, init(key, sizes, dtype)), x

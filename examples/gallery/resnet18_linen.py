@@ -56,7 +56,7 @@ class ResNet18(nn.Module):
 
 
 SIZES = {
-    "tiny": {"widths": (4, 8, 8, 16), "image": 8, "batch": 4},
+    "tiny": {"widths": (4, 8, 8, 16), "image": 8, "batch": 2},
     "small": {"widths": (16, 32, 64, 128), "image": 32, "batch": 8},
 }
 

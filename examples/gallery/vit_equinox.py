@@ -62,8 +62,8 @@ class VisionTransformer(eqx.Module):
         keys = jax.random.split(key, depth + 4)
         patches = (image // patch) ** 2
         self.patch_embedding = PatchEmbedding(channels, dim, patch, keys[0])
-        self.cls_token = jax.random.normal(keys[1], (1, dim))
-        self.positional_embedding = jax.random.normal(keys[2], (patches + 1, dim))
+        self.cls_token = jax.random.normal(keys[1], (1, dim), jnp.float32)
+        self.positional_embedding = jax.random.normal(keys[2], (patches + 1, dim), jnp.float32)
         self.blocks = [AttentionBlock(dim, heads, hidden, 0.1, k) for k in keys[4:]]
         self.norm = eqx.nn.LayerNorm(dim)
         self.head = eqx.nn.Linear(dim, classes, key=keys[3])
@@ -112,5 +112,6 @@ def make(size: str = "tiny", key=None, dtype=jnp.float32):
         )
 
     model = create(key)
-    x = jax.random.normal(jax.random.fold_in(key, 1), (batch, 3, cfg["image"], cfg["image"]), dtype)
+    shape = (batch, 3, cfg["image"], cfg["image"])
+    x = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.float32).astype(dtype)
     return model, x
