@@ -54,7 +54,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab import frontends, reading
+import jacobian_lab.frontends as frontends
+import jacobian_lab.reading as reading
 from jacobian_lab.adapters import (
     Adapted,
     Coupling,

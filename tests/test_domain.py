@@ -54,9 +54,12 @@ def test_deep_relu_network_collapses_its_domain(key):
 
 
 def test_domain_statistics_bad_input(key):
-    with pytest.raises(ValueError, match="layer 0 \\('stem'\\) has none"):
-        net = jl.resmlp(2, 4, "relu")
-        jl.domain_statistics(net, net.init(key), jnp.ones((3, 4)))
+    net = jl.resmlp(2, 4, "relu")
+    with pytest.warns(jl.DomainWarning, match="no known pre-activation \\('stem'\\)"):
+        st = jl.domain_statistics(net, net.init(key), jax.random.normal(key, (3, 4)))
+    # the paper's indexing: index 0 is the output, the stem (first layer) is the last
+    assert np.isnan(st.sign_diversity[-1]) and np.isnan(st.preact_std[-1])
+    assert np.isfinite(st.sign_diversity[:-1]).all() and np.isfinite(st.cosine).all()
     net = jl.mlp(2, 4, "relu")
     with pytest.raises(ValueError, match="at least 2 inputs"):
         jl.domain_statistics(net, net.init(key), jnp.ones((1, 4)))

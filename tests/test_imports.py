@@ -12,11 +12,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 LEVELS = {
     "checks": 0,
+    "compilation_cache": 0,
     "activations": 1,
     "initializers": 1,
     "datasets": 1,
     "model": 2,
     "adapters": 2,
+    "reading": 2,
+    "frontends": 2,
     "networks": 3,
     "convnets": 3,
     "chain": 3,

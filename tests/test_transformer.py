@@ -156,8 +156,12 @@ def test_token_statistics_refuse_zero_tokens_and_odd_sizes(key):
     with pytest.raises(FloatingPointError, match="exactly zero"):
         jl.token_statistics(m, p, _x())
     ch, cp = jl.chain([lambda h: h.reshape(-1)[:7]])
-    with pytest.raises(ValueError, match="multiple of seq_len"):
-        jl.token_statistics(ch, cp, _x())
+    with pytest.warns(jl.TokenWarning, match="'layer0' are not \\(5, features\\) token"):
+        st = jl.token_statistics(ch, cp, _x())  # the input is a token matrix, layer0 not
+    assert np.isnan(st.residual[:, 0]).all() and np.isnan(st.cosine[:, 0]).all()
+    assert np.isfinite(st.residual[:, 1]).all() and np.isfinite(st.cosine[:, 1]).all()
+    with pytest.raises(ValueError, match="none of this model's is: give seq_len="):
+        jl.token_statistics(ch, cp, _x()[0])  # one flat sequence: no token matrix at all
 
 
 def test_attention_entropy_uniform_and_one_hot(key):
