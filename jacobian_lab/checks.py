@@ -58,3 +58,56 @@ def check_memory(nbytes: int, what: str, fix: str) -> None:
             f"{what} {nbytes / 2**30:.3g} GiB, more than the {limit / 2**30:.3g} GiB "
             f"this device has; {fix}"
         )
+
+
+def check_key(key, name: str = "key"):
+    """``key`` if it is one PRNG key (a typed key of shape ``()``, or raw ``uint32`` key data
+    like ``jax.random.PRNGKey(0)``), else a ``TypeError`` naming the argument and the fix:
+    an int seed, a stack of keys, or an array of another dtype or shape. Traced keys are
+    checked by dtype and shape only."""
+    raw_shape = jax.random.PRNGKey(0).shape
+    typed = hasattr(key, "dtype") and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if typed and jnp.shape(key) == ():
+        return key
+    if (
+        hasattr(key, "dtype")
+        and not typed
+        and key.dtype == jnp.uint32
+        and tuple(jnp.shape(key)) == tuple(raw_shape)
+    ):
+        return key
+    if isinstance(key, int | np.integer) and not isinstance(key, bool):
+        got = f"the int {key!r}"
+        fix = f"jax.random.PRNGKey({key!r})"
+    else:
+        got = (
+            f"{type(key).__name__} of dtype {key.dtype} and shape {tuple(jnp.shape(key))}"
+            if hasattr(key, "dtype")
+            else repr(key)
+        )
+        fix = "jax.random.PRNGKey(seed), or one row of jax.random.split(key, n)"
+    raise TypeError(f"{name} must be one PRNG key, got {got}: pass {fix}")
+
+
+def check_float_input(x, name: str = "x") -> None:
+    """Raise ``TypeError`` naming ``name`` unless every leaf of the pytree ``x`` is an array
+    of real floating-point numbers (derivatives need them), ``ValueError`` if it holds no
+    numbers: the check the matrix-free estimators and :func:`jacobian_lab.jacobian` make
+    before differentiating."""
+    leaves = jax.tree_util.tree_leaves(x)
+    if not leaves:
+        raise ValueError(f"{name} holds no arrays: give the point to differentiate at")
+    for leaf in leaves:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None:
+            raise TypeError(
+                f"{name} must be an array (or a pytree of arrays) of real floats, got "
+                f"{type(leaf).__name__}: use jnp.asarray({name}, jnp.float32)"
+            )
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{name} must hold real floating-point numbers to be differentiated, got "
+                f"{dtype}: cast it, e.g. {name}.astype(jnp.float32)"
+            )
+    if sum(int(np.size(leaf)) for leaf in leaves) == 0:
+        raise ValueError(f"{name} holds no numbers (size 0): give a point to differentiate at")

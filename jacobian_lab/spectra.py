@@ -205,10 +205,15 @@ class Spectrum(NamedTuple):
         return self.largest.value / self.smallest.value
 
     def cdf(self, t: jax.Array) -> jax.Array:
-        """Fraction of the ``n`` eigenvalues of ``J^T J`` at most ``t`` (any shape)."""
+        """Fraction of the ``n`` eigenvalues of ``J^T J`` at most ``t`` (any shape). NaN
+        where ``t`` is NaN, and everywhere if a node or weight is NaN: a failed measurement
+        is never counted as a probability."""
         t = jnp.asarray(t)
         below = self.nodes[None] <= t.reshape(-1, 1, 1)
-        return (jnp.sum(below * self.weights, axis=(1, 2)) / self.nodes.shape[0]).reshape(t.shape)
+        value = jnp.sum(below * self.weights, axis=(1, 2)) / self.nodes.shape[0]
+        broken = jnp.any(jnp.isnan(self.nodes) | jnp.isnan(self.weights))
+        value = jnp.where(broken | jnp.isnan(t.reshape(-1)), jnp.nan, value)
+        return value.reshape(t.shape)
 
     def moment(self, j: int) -> jax.Array:
         """``(1/n) tr (J^T J)^j``; SLQ with ``k`` steps is exact for ``j < 2k`` up to the
