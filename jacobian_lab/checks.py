@@ -1,7 +1,9 @@
-"""Checks shared by the public functions: traced values, finiteness."""
+"""Checks shared by the public functions: traced values, finiteness, memory, keys and
+inputs."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -58,6 +60,52 @@ def check_memory(nbytes: int, what: str, fix: str) -> None:
             f"{what} {nbytes / 2**30:.3g} GiB, more than the {limit / 2**30:.3g} GiB "
             f"this device has; {fix}"
         )
+
+
+def check_compiled_memory(compiled, what: str, fix: str) -> None:
+    """Raise ``MemoryError`` before running a compiled XLA program whose buffers (its
+    workspace and its results, as XLA's memory analysis plans them for these shapes) do not
+    fit in the device's memory, naming ``what`` with the sizes and ``fix``. Does nothing
+    where the backend gives no memory analysis."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend analyses memory
+        return
+    if stats is None:
+        return
+    temp = int(getattr(stats, "temp_size_in_bytes", 0))
+    out = int(getattr(stats, "output_size_in_bytes", 0))
+    need = temp + out - int(getattr(stats, "alias_size_in_bytes", 0))
+    limit = available_memory()
+    if need > limit:
+        raise MemoryError(
+            f"{what} needs {need / 2**30:.3g} GiB ({temp / 2**30:.3g} GiB of workspace and "
+            f"{out / 2**30:.3g} GiB of results, as XLA plans the program for these shapes), "
+            f"more than the {limit / 2**30:.3g} GiB this device has; {fix}"
+        )
+
+
+def memory_checked(what: str, fix: str, **jit_kwargs):
+    """``jax.jit`` for the programs that materialize dense Jacobians: called with concrete
+    arguments, the program is compiled first (``lower(...).compile()``, cached by JAX like
+    any call) and refused with a ``MemoryError`` naming ``what``, the sizes and ``fix`` (the
+    matrix-free alternative) when its buffers cannot fit (:func:`check_compiled_memory`),
+    before anything is allocated. Under a transformation (traced arguments) it is plain
+    ``jax.jit``: the enclosing program is what gets allocated."""
+
+    def wrap(fn):
+        jitted = jax.jit(fn, **jit_kwargs)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if not any(is_traced(a) for a in jax.tree_util.tree_leaves((args, kwargs))):
+                check_compiled_memory(jitted.lower(*args, **kwargs).compile(), what, fix)
+            return jitted(*args, **kwargs)
+
+        call.lower = jitted.lower
+        return call
+
+    return wrap
 
 
 def check_key(key, name: str = "key"):

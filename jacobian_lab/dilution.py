@@ -68,6 +68,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from jacobian_lab.checks import memory_checked
 from jacobian_lab.driver import (
     check_finite,
     check_values,
@@ -214,7 +215,12 @@ def _segments(tr):
     return out
 
 
-@partial(jax.jit, static_argnums=0, static_argnames=("batch", "fit", "post"))
+@memory_checked(
+    "dilution keeps every layer's Jacobian and its linear split for every sample and",
+    "pass fewer samples per call, or fit='lstsq' (no Jacobians)",
+    static_argnums=0,
+    static_argnames=("batch", "fit", "post"),
+)
 def _dilution(model: Model, params: Params, xs, *, batch: int, fit: str, post: bool):
     jac = fit == "jacobian"
     tr = trace(model, params, xs, jac=jac, blocks=True)

@@ -14,7 +14,12 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from jacobian_lab.checks import require_finite
+from jacobian_lab.checks import (
+    check_compiled_memory,
+    check_float_input,
+    is_traced,
+    require_finite,
+)
 
 Mode = Literal["auto", "fwd", "rev"]
 
@@ -39,22 +44,43 @@ def jacobian(fn: Callable[[Any], Any], x: Any, *, mode: Mode = "auto") -> jax.Ar
         Array of shape ``(out_size, in_size)``.
 
     Raises:
-        ValueError: unknown ``mode``.
+        ValueError: unknown ``mode``; ``x`` without numbers.
+        TypeError: ``x`` not real floats (derivatives need them).
+        MemoryError: the Jacobian, with the workspace XLA plans for it, cannot fit in the
+            device's memory (checked before anything is allocated; the message gives the
+            sizes and the matrix-free alternatives).
         FloatingPointError: the Jacobian holds inf or NaN (outside ``jit``); the message
             names the first output row that went non-finite.
     """
     if mode not in ("auto", "fwd", "rev"):
         raise ValueError(f"mode must be 'auto', 'fwd' or 'rev', got {mode!r}")
+    check_float_input(x)
     flat_x, unravel = ravel_pytree(x)
 
     def flat_fn(v: jax.Array) -> jax.Array:
         return ravel_pytree(fn(unravel(v)))[0]
 
+    out_size = jax.eval_shape(flat_fn, flat_x).shape[0]
     if mode == "auto":
-        out_size = jax.eval_shape(flat_fn, flat_x).shape[0]
         mode = "fwd" if flat_x.shape[0] <= out_size else "rev"
-    jac = jax.jacfwd(flat_fn) if mode == "fwd" else jax.jacrev(flat_fn)
-    J = jac(flat_x)
+    jac = jax.jit(jax.jacfwd(flat_fn) if mode == "fwd" else jax.jacrev(flat_fn))
+    J = None
+    if not is_traced(flat_x):
+        try:  # compiled first, so that its memory is checked before anything is allocated
+            compiled = jac.lower(flat_x).compile()
+        except jax.errors.UnexpectedTracerError:  # fn closes over a caller's tracer
+            compiled = None
+        if compiled is not None:
+            check_compiled_memory(
+                compiled,
+                f"the {out_size} x {flat_x.shape[0]} Jacobian",
+                "use jacobian_spectrum(fn, x, method='matrix_free') or "
+                "extreme_singular_values / frobenius_norm_sq (Lanczos and Hutchinson: no "
+                "matrix), or a smaller x",
+            )
+            J = compiled(flat_x)
+    if J is None:
+        J = jac(flat_x)
     require_finite(J, "the Jacobian", axis_name="output row")
     return J
 

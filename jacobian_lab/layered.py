@@ -20,14 +20,12 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from jacobian_lab.checks import check_memory, is_traced
+from jacobian_lab.checks import is_traced, memory_checked
 from jacobian_lab.driver import (
     Trace,
     check_finite,
-    compute_dtype,
     finite_layers,
     flat_jacobian,
-    output_sizes,
     per_layer,
     prepare,
     trace,
@@ -79,7 +77,12 @@ def stacked_jacobians(model: Model, tr: Trace) -> LayerJacobians:
     return LayerJacobians(units, stem, outputs, tr.x)
 
 
-@partial(jax.jit, static_argnums=0)
+@memory_checked(
+    "layer_jacobians keeps every layer's Jacobian for every sample and",
+    "pass fewer samples per call (gsc(..., method='matrix_free') and jacobian_spectrum("
+    "..., method='matrix_free') measure without them)",
+    static_argnums=0,
+)
 def _layer_jacobians(model: Model, params: Params, xs) -> tuple[LayerJacobians, jax.Array]:
     tr = trace(model, params, xs)
     return stacked_jacobians(model, tr), finite_layers(tr)
@@ -207,7 +210,11 @@ class PairJacobians(NamedTuple):
     from_input: jax.Array
 
 
-@partial(jax.jit, static_argnums=0)
+@memory_checked(
+    "layer_to_layer_jacobians keeps every layer-to-layer Jacobian (S L^2 d^2 numbers) and",
+    "use gsc_matrix (norms only), or fewer samples or layers",
+    static_argnums=0,
+)
 def _pair_jacobians(model: Model, params: Params, xs):
     tr = trace(model, params, xs)
     stacked_jacobians(model, tr)  # the sizes check
@@ -231,22 +238,18 @@ def layer_to_layer_jacobians(net: Model, params: Params, x) -> PairJacobians:
     Memory is ``S * L^2 * d^2`` numbers: for large depths use :func:`jacobian_lab.gsc_matrix`,
     which keeps only the norms. Shapes and indexing: :class:`PairJacobians`.
     """
-    xs = prepare(net, params, x)
-    sizes = output_sizes(net, params, xs)
-    S, L, d = jax.tree_util.tree_leaves(xs)[0].shape[0], len(sizes), max(max(s) for s in sizes)
-    check_memory(
-        S
-        * (L * L * d * d + L * d * sizes[0][0])
-        * jnp.dtype(compute_dtype(net) or "float32").itemsize,
-        "every layer-to-layer Jacobian (S L^2 d^2 numbers) needs",
-        "use gsc_matrix (norms only), or fewer samples or layers",
-    )
-    pj, ok = _pair_jacobians(net, params, xs)
+    pj, ok = _pair_jacobians(net, params, prepare(net, params, x))
     check_finite(ok, net)
     return pj
 
 
-@partial(jax.jit, static_argnums=0)
+@memory_checked(
+    "input_to_layer_jacobians keeps the Jacobian of every layer with respect to the input "
+    "for every sample and",
+    "pass fewer samples per call, or take a prefix network's spectrum matrix-free "
+    "(jacobian_spectrum(fn, x, method='matrix_free'))",
+    static_argnums=0,
+)
 def _input_to_layer_jacobians(model: Model, params: Params, xs):
     tr = trace(model, params, xs)
     stacked_jacobians(model, tr)  # the sizes check
@@ -271,7 +274,12 @@ def input_to_layer_jacobians(net: Model, params: Params, x) -> jax.Array:
     return P
 
 
-@partial(jax.jit, static_argnums=0)
+@memory_checked(
+    "input_output_jacobian keeps the network's Jacobian for every sample and",
+    "pass fewer samples per call, or use jacobian_spectrum(fn, x, method='matrix_free') or "
+    "jl.frobenius_norm_sq, which keep no Jacobian",
+    static_argnums=0,
+)
 def _input_output_jacobian(model: Model, params: Params, xs) -> jax.Array:
     def one(s):
         flat, unravel = ravel_pytree(s)

@@ -18,12 +18,12 @@ indexing).
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from jacobian_lab.checks import memory_checked
 from jacobian_lab.driver import (
     Record,
     check_finite,
@@ -100,7 +100,11 @@ def _sq(a: jax.Array) -> jax.Array:
     return jnp.sum(a**2, axis=-1)
 
 
-@partial(jax.jit, static_argnums=0)
+@memory_checked(
+    "pythagorean_decomposition keeps every block's input, skip and branch for every sample and",
+    "pass fewer samples per call",
+    static_argnums=0,
+)
 def _pythagorean(model: Model, params: Params, xs):
     tr = trace(model, params, xs, jac=False, blocks=True)
     terms = []
@@ -178,7 +182,11 @@ def backward_ratios(jacs: list, g: jax.Array) -> jax.Array:
     return scan_down(step, g / norm(g), jacs)
 
 
-@partial(jax.jit, static_argnums=0)
+@memory_checked(
+    "block_jacobian_stats keeps every layer's Jacobian for every sample and",
+    "pass fewer samples per call",
+    static_argnums=0,
+)
 def _block_stats(model: Model, params: Params, xs, key):
     tr = trace(model, params, xs)
     idx = block_layers(model, tr)
@@ -251,7 +259,12 @@ class BlockGSC(NamedTuple):
     predicted: jax.Array
 
 
-@partial(jax.jit, static_argnums=0)
+@memory_checked(
+    "block_gsc keeps every block's Jacobian, skip and branch Jacobians for every sample and",
+    "pass fewer samples per call; gsc(..., method='matrix_free') gives the GSC across the "
+    "blocks without Jacobians",
+    static_argnums=0,
+)
 def _block_gsc(model: Model, params: Params, xs):
     tr = trace(model, params, xs, blocks=True)
     fields = []

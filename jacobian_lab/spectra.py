@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab.checks import is_traced
+from jacobian_lab.checks import is_traced, memory_checked
 from jacobian_lab.jacobians import flat_size, jacobian
 from jacobian_lab.layered import input_to_layer_jacobians
 from jacobian_lab.matrix_free import (
@@ -36,6 +36,15 @@ def singular_values(J: jax.Array) -> jax.Array:
     """
     if J.ndim < 2:
         raise ValueError(f"singular_values needs a matrix (..., m, n), got shape {J.shape}")
+    return _svd_values(J)
+
+
+@memory_checked(
+    "the SVD of the Jacobians (the matrices and LAPACK's workspace)",
+    "use jacobian_spectrum(fn, x, method='matrix_free') (Lanczos: the spectral measure and "
+    "the extreme singular values without the matrix), or fewer matrices per call",
+)
+def _svd_values(J: jax.Array) -> jax.Array:
     return jnp.linalg.svd(J, compute_uv=False)
 
 

@@ -2,6 +2,8 @@
 naming the layer and the cause, or an error naming the argument and the fix; never a
 silent 0 or NaN."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,6 +212,77 @@ def test_a_network_too_large_for_the_machine_is_refused_before_allocating(key):
     net = jl.mlp(10**8, 16, "relu")
     with pytest.raises(MemoryError, match=r"params of this Network .* GiB, more than"):
         net.init(key)
+
+
+def test_every_dense_path_checks_its_memory_before_allocating(key, monkeypatch):
+    """Issue 21: every dense path (not only init and layer_to_layer_jacobians) asks XLA's
+    memory analysis of its compiled program first and raises MemoryError with the sizes and
+    the matrix-free alternative, before anything is allocated. Here the device is said to
+    hold 0.5 MiB: the dense programs need 1.4 MiB and more, the matrix-free GSC 0.2 (the
+    matrix-free spectra are checked against dense in test_krylov.py)."""
+    net = jl.mlp(3, 96, "tanh", in_dim=256)
+    res = jl.resmlp(2, 96, "tanh", in_dim=256)
+    params, rparams, x = net.init(key), res.init(key), _x(6, 256)
+    keys = jax.random.split(key, 2)
+
+    def batch(v):
+        return net.apply(params, v)
+
+    monkeypatch.setattr("jacobian_lab.checks.available_memory", lambda: 2**19)
+    sizes = r"needs [\d.e-]+ GiB \([\d.e-]+ GiB of workspace and [\d.e-]+ GiB of results"
+    refused = [  # (what the message names, the fix it gives, the call)
+        (
+            "gsc(method='dense')",
+            "method='matrix_free'",
+            lambda: jl.gsc(net, params, x, method="dense"),
+        ),
+        (
+            "gradient_norm(method='dense')",
+            "gradient_norm(..., method='matrix_free')",
+            lambda: jl.gradient_norm(net, params, x, method="dense"),
+        ),
+        ("gsc_matrix", "method='matrix_free'", lambda: jl.gsc_matrix(net, params, x)),
+        (
+            "input_to_layer_jacobians",
+            "method='matrix_free'",
+            lambda: jl.input_to_layer_jacobians(net, params, x),
+        ),
+        ("block_gsc", "method='matrix_free'", lambda: jl.block_gsc(res, rparams, x)),
+        ("dilution", "fit='lstsq'", lambda: jl.dilution(res, rparams, x)),
+        (
+            "the 576 x 1536 Jacobian",
+            "method='matrix_free'",
+            lambda: jl.jacobian(batch, x),
+        ),
+        (
+            "the 576 x 1536 Jacobian",
+            "method='matrix_free'",
+            lambda: jl.jacobian_spectrum(batch, x, method="dense"),
+        ),
+        (
+            "map_over_devices over 2 slices",
+            "method='matrix_free'",
+            lambda: jl.gsc_over_seeds(net, keys, x, method="dense"),
+        ),
+    ]
+    for what, fix, call in refused:
+        match = f"(?s){re.escape(what)}.*{sizes}.*more than the 0.000488 GiB.*{re.escape(fix)}"
+        with pytest.raises(MemoryError, match=match):
+            call()
+    # the matrix-free alternatives named in the messages fit
+    assert jl.gsc(net, params, x, method="matrix_free", num_probes=8).shape == (6, 4)
+    assert jl.gradient_norm(net, params, x, method="matrix_free", num_probes=8).shape == (6, 4)
+
+
+def test_matrix_free_gradient_norm_is_exact_for_an_orthogonal_network(key):
+    """Hutchinson on ||J_k^0||_F^2: for orthogonal J every probe gives ||J^T u||^2 = ||u||^2
+    exactly, so the matrix-free gradient norm equals the dense one to rounding (float64)."""
+    net = jl.mlp(5, 16, "linear", weight_init="orthogonal", dtype="float64")
+    params, x = net.init(key), _x(3, 16, jnp.float64)
+    dense = jl.gradient_norm(net, params, x, method="dense")
+    free = jl.gradient_norm(net, params, x, method="matrix_free", num_probes=4, key=key)
+    np.testing.assert_allclose(free, dense, rtol=1e-12)
+    np.testing.assert_allclose(dense, 1.0, rtol=1e-12)
 
 
 def test_matrix_free_gsc_and_path_gradients_survive_large_activations(key):
