@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from jacobian_lab.checks import memory_checked
+from jacobian_lab.checks import check_key, memory_checked
 from jacobian_lab.driver import (
     check_finite,
     check_values,
@@ -410,7 +410,7 @@ def add_node_split(net: Model, params: Params, x, key: jax.Array) -> AddNodeSpli
         :class:`AddNodeSplit`, fields ``(S, number of blocks)``, nearest the output first.
     """
     require_blocks(net)
-    vals = _add_node(net, params, prepare(net, params, x), key)
+    vals = _add_node(net, params, prepare(net, params, x), check_key(key))
     vals = vals[:, jnp.array(net.block_outputs)]
     check_values(vals[..., 0], "the gradient arriving at an add node (try float64)")
     return AddNodeSplit(*jnp.moveaxis(vals, -1, 0))

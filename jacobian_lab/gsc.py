@@ -617,6 +617,11 @@ def gsc_over_seeds(
             )
         init = net.init
     check_keys(keys)
+    if jnp.shape(keys)[0] == 0:
+        raise ValueError(
+            "keys holds no seeds (a leading axis of length 0): pass "
+            "jax.random.split(jax.random.PRNGKey(0), n_seeds) with n_seeds >= 1"
+        )
     # Parameters are drawn outside the sharded program: compiling the draw into it made
     # XLA's compile of the looks-linear (batched QR) initializer hang on CPU.
     params = jax.vmap(init)(keys)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln, logsumexp
 
+from jacobian_lab.checks import check_key
 from jacobian_lab.driver import (
     check_finite,
     check_values,
@@ -176,7 +177,7 @@ def path_gradients(
         taken at the input of the first block.
     """
     require_blocks(net, pre=True)
-    out, ok = _path_gradients(net, params, prepare(net, params, x), key, num_paths)
+    out, ok = _path_gradients(net, params, prepare(net, params, x), check_key(key), num_paths)
     check_finite(ok, net)
     if not bool(jnp.all(jnp.isfinite(out.exact) & jnp.isfinite(out.per_path))):
         check_values(out.exact, "the gradient summed over paths of one length")

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab.checks import memory_checked
+from jacobian_lab.checks import check_key, memory_checked
 from jacobian_lab.driver import (
     Record,
     check_finite,
@@ -227,7 +227,7 @@ def block_jacobian_stats(net: Model, params: Params, x, key: jax.Array) -> Block
         :class:`BlockJacobianStats`; the block axis follows ``net.block_outputs`` (or the
         square layers, nearest the output first).
     """
-    stats, ok = _block_stats(net, params, prepare(net, params, x), key)
+    stats, ok = _block_stats(net, params, prepare(net, params, x), check_key(key))
     check_finite(ok, net)
     return stats
 

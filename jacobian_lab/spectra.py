@@ -113,6 +113,14 @@ def spectral_density(
         bandwidth) to 1 within ``1e-6`` by the trapezoid rule on a ``grid`` that covers
         the values by 5 kernel widths.
     """
+    s = jnp.asarray(s)
+    if s.size == 0:
+        raise ValueError(
+            f"s holds no singular values (shape {s.shape}): the density of an empty sample is "
+            "undefined; pass the output of singular_values on a non-empty Jacobian"
+        )
+    if not is_traced(s) and not bool(jnp.all(jnp.isfinite(s))):
+        raise ValueError("s holds inf or NaN: a density of failed measurements is undefined")
     return _kernel_density(jnp.ravel(s**2 if squared else s), None, grid, bandwidth)
 
 

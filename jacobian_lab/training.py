@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jacobian_lab.checks import check_memory, is_traced
+from jacobian_lab.checks import check_key, check_memory, is_traced
 from jacobian_lab.datasets import Dataset, check_dataset_arrays
 from jacobian_lab.driver import compute_dtype
 from jacobian_lab.gsc import gsc
@@ -236,7 +236,7 @@ def train(
         model,
         jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], params),
         data,
-        keys=jnp.asarray(key)[None],
+        keys=jnp.asarray(check_key(key))[None],
         learning_rates=[learning_rate],
         optimizer=optimizer,
         steps=steps,

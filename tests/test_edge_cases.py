@@ -313,3 +313,117 @@ def test_inputs_captured_by_a_callers_jit_are_checked_not_staged(key):
     np.testing.assert_allclose(
         jitted(params), jl.gsc_estimate(net, params, x, key=key, num_probes=4).value, rtol=1e-6
     )
+
+
+# -- 12. inputs and hyper-parameters (issue 21) ----------------------------------------------
+
+
+def test_non_finite_params_are_refused_naming_the_entry(key):
+    """An inf bias in a tanh layer saturates it and the GSC came back finite; every
+    diagnostic now refuses non-finite params, naming the entry."""
+    net = jl.mlp(3, 8, "tanh")
+    params = net.init(key)
+    bad = {**params, "stem": {**params["stem"], "b": params["stem"]["b"].at[0].set(jnp.inf)}}
+    match = r"params\['stem'\]\['b'\] holds inf or NaN \(1 of 8 entries\)"
+    with pytest.raises(ValueError, match=match):
+        jl.gsc(net, bad, _x(2, 8))
+    with pytest.raises(ValueError, match=match):
+        jl.gsc_estimate(net, bad, _x(2, 8), key, 4)
+
+
+def test_inputs_near_the_denormal_range_are_refused_not_silently_shifted(key):
+    """Inputs of 1e-36 in float32 put the first layer's products where XLA flushes to zero:
+    the GSC of a (scale-free) ReLU network moved by 8.5%, and denormal inputs read as
+    "exactly zero". Both are refused naming x and the fix; in float64 the same inputs are
+    far from its denormals and give the unscaled GSC to rounding."""
+    net = jl.mlp(6, 16, "relu", sigma_w=2**0.5)
+    params, x = net.init(key), np.asarray(_x(2, 16))
+    for scale in (1e-36, 1e-40):  # near the range, and denormal
+        tiny = (scale * x).astype(np.float32)
+        assert 0 < np.abs(tiny).max() < 1e-30
+        with pytest.raises(ValueError, match=r"x\[0\] has largest magnitude .* Rescale x"):
+            jl.gsc(net, params, tiny)
+    net64 = jl.mlp(6, 16, "relu", sigma_w=2**0.5, dtype="float64")
+    p64, x64 = net64.init(key), jnp.asarray(x, jnp.float64)
+    np.testing.assert_allclose(jl.gsc(net64, p64, 1e-36 * x64), jl.gsc(net64, p64, x64), rtol=1e-12)
+
+
+def test_a_gsc_below_the_dtype_range_is_reported_as_such_and_kept_in_logs():
+    """20 layers h -> 1e-3 h + 1: every Jacobian is 1e-3 I and the lengths stay near 1, so
+    GSC(20, 0) ~ 1e-60, no float32 number. Before: 0 with a warning blaming a layer's
+    Jacobian. Now: a warning that the value is below float32's range (no layer is zero),
+    and log=True gives the float64 value's logarithm to float32 rounding (the log, about
+    -138, is a sum over 20 layers: 1e-6 relative)."""
+
+    def make(dtype):
+        layer = (lambda p, h: p * h + 1.0, jnp.asarray(1e-3, dtype))
+        return jl.chain([layer] * 20), jnp.ones((2, 4), dtype)
+
+    (ch, params), x = make(jnp.float32)
+    with pytest.warns(UnderflowWarning, match=r"GSC\(\d+, 0\) is about 1e-\d+, below the smallest"):
+        g = jl.gsc(ch, params, x)
+    assert float(g[0, -1]) == 0.0
+    (ch64, params64), x64 = make(jnp.float64)
+    exact = jnp.log(jl.gsc(ch64, params64, x64))
+    assert float(exact[0, -1]) == pytest.approx(np.log(1e-60 / (1 / (1 - 1e-3))), rel=1e-9)
+    np.testing.assert_allclose(jl.gsc(ch, params, x, log=True), exact, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: jl.mlp(2, 4, "tanh", sigma_w=float("nan")), "sigma_w must be a finite"),
+        (lambda: jl.mlp(2, 4, "tanh", sigma_b=-1.0), "sigma_b must be a finite"),
+        (lambda: jl.resmlp(2, 4, "tanh", residual_scale=np.nan), "residual_scale must be"),
+        (lambda: jl.transformer(1, 8, 2, 4, residual_scale=np.inf), "residual_scale must be"),
+        (
+            lambda: jl.Network(depth=2, width=4, activation="tanh", norm="layer", norm_eps=-1.0),
+            "norm_eps must be a finite number >= 0",
+        ),
+        (lambda: jl.architecture("resnet-relu", depth=5), r"depth must be even; got 5"),
+        (lambda: jl.paper_architectures(depth=5), r"depth must be even; got 5"),
+    ],
+    ids=[
+        "nan-sigma_w",
+        "negative-sigma_b",
+        "nan-residual",
+        "inf-transformer",
+        "norm_eps",
+        "resnet-depth-5",
+        "paper-depth-5",
+    ],  # fmt: skip
+)
+def test_bad_hyper_parameters_are_refused_at_construction(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_an_odd_depth_still_builds_a_plain_family():
+    assert jl.architecture("relu", depth=5).depth == 5
+    assert jl.architecture("resnet-relu", depth=6).num_blocks == 3
+
+
+def test_bad_keys_inputs_and_samples_get_errors_naming_the_argument(key):
+    net = jl.mlp(3, 8, "tanh")
+    params, x = net.init(key), _x(2, 8)
+
+    def fn(v):
+        return jnp.tanh(v)
+
+    with pytest.raises(TypeError, match=r"key must be one PRNG key, got the int 3: .*PRNGKey\(3\)"):
+        jl.gsc_estimate(net, params, x, 3, 4)
+    with pytest.raises(TypeError, match=r"key must be one PRNG key.*shape \(2, 2\)"):
+        jl.extreme_singular_values(fn, jnp.ones(4), jax.random.split(key, 2))
+    with pytest.raises(ValueError, match="keys holds no seeds"):
+        jl.gsc_over_seeds(net, jax.random.split(key, 0), x)
+    with pytest.raises(TypeError, match=r"x must be an array .* for this Network, .*got dict"):
+        jl.gsc(net, params, {"a": x})
+    for call in (
+        lambda v: jl.frobenius_norm_sq(fn, v, key, 4),
+        lambda v: jl.slq_spectrum(fn, v, key),
+        lambda v: jl.jacobian(fn, v),
+    ):
+        with pytest.raises(TypeError, match=r"x must hold real floating-point numbers.*int32"):
+            call(jnp.ones(4, jnp.int32))
+    with pytest.raises(ValueError, match=r"s holds no singular values \(shape \(0,\)\)"):
+        jl.spectral_density(jnp.zeros((0,)), jnp.linspace(0, 1, 5))
