@@ -62,44 +62,87 @@ def check_memory(nbytes: int, what: str, fix: str) -> None:
         )
 
 
-def check_compiled_memory(compiled, what: str, fix: str) -> None:
-    """Raise ``MemoryError`` before running a compiled XLA program whose buffers (its
-    workspace and its results, as XLA's memory analysis plans them for these shapes) do not
-    fit in the device's memory, naming ``what`` with the sizes and ``fix``. Does nothing
-    where the backend gives no memory analysis."""
+def well_within_memory(nbytes: int) -> bool:
+    """Whether ``nbytes`` is under a quarter of the device's memory: a bound that small
+    needs no exact (compiled) check."""
+    return 4 * nbytes <= available_memory()
+
+
+def compiled_memory(compiled) -> tuple[int, int] | None:
+    """``(workspace, results)`` bytes of a compiled XLA program, as XLA's memory analysis
+    plans its buffers (results less what aliases the arguments); ``None`` where the backend
+    gives no analysis."""
     try:
         stats = compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - not every backend analyses memory
-        return
+        return None
     if stats is None:
-        return
-    temp = int(getattr(stats, "temp_size_in_bytes", 0))
+        return None
     out = int(getattr(stats, "output_size_in_bytes", 0))
-    need = temp + out - int(getattr(stats, "alias_size_in_bytes", 0))
+    alias = int(getattr(stats, "alias_size_in_bytes", 0))
+    return int(getattr(stats, "temp_size_in_bytes", 0)), out - alias
+
+
+def require_memory(sizes: tuple[int, int] | None, what: str, fix: str) -> None:
+    """Raise ``MemoryError`` when a program's ``(workspace, results)`` bytes (from
+    :func:`compiled_memory`) exceed the device's memory, naming ``what`` with the sizes and
+    ``fix``."""
+    if sizes is None:
+        return
+    temp, out = sizes
     limit = available_memory()
-    if need > limit:
+    if temp + out > limit:
         raise MemoryError(
-            f"{what} needs {need / 2**30:.3g} GiB ({temp / 2**30:.3g} GiB of workspace and "
-            f"{out / 2**30:.3g} GiB of results, as XLA plans the program for these shapes), "
-            f"more than the {limit / 2**30:.3g} GiB this device has; {fix}"
+            f"{what} needs {(temp + out) / 2**30:.3g} GiB ({temp / 2**30:.3g} GiB of workspace "
+            f"and {out / 2**30:.3g} GiB of results, as XLA plans the program for these "
+            f"shapes), more than the {limit / 2**30:.3g} GiB this device has; {fix}"
         )
+
+
+def check_compiled_memory(compiled, what: str, fix: str) -> None:
+    """Raise ``MemoryError`` before running a compiled XLA program whose buffers (its
+    workspace and its results) do not fit in the device's memory, naming ``what`` with the
+    sizes and ``fix``. Does nothing where the backend gives no memory analysis."""
+    require_memory(compiled_memory(compiled), what, fix)
+
+
+def _signature(args, kwargs):
+    """A hashable key of a call's static values and the shapes and dtypes of its arrays."""
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    return treedef, tuple(
+        (tuple(a.shape), str(a.dtype)) if hasattr(a, "shape") and hasattr(a, "dtype") else a
+        for a in leaves
+    )
 
 
 def memory_checked(what: str, fix: str, **jit_kwargs):
     """``jax.jit`` for the programs that materialize dense Jacobians: called with concrete
-    arguments, the program is compiled first (``lower(...).compile()``, cached by JAX like
-    any call) and refused with a ``MemoryError`` naming ``what``, the sizes and ``fix`` (the
-    matrix-free alternative) when its buffers cannot fit (:func:`check_compiled_memory`),
-    before anything is allocated. Under a transformation (traced arguments) it is plain
-    ``jax.jit``: the enclosing program is what gets allocated."""
+    arguments, the program is compiled first (``lower(...).compile()``, which the call then
+    reuses) and refused with a ``MemoryError`` naming ``what``, the sizes and ``fix`` (the
+    matrix-free alternative) when its buffers cannot fit (:func:`require_memory`), before
+    anything is allocated. The sizes are kept per shape, so a repeated call costs a
+    dictionary look-up. Under a transformation (traced arguments) it is plain ``jax.jit``:
+    the enclosing program is what gets allocated."""
 
     def wrap(fn):
         jitted = jax.jit(fn, **jit_kwargs)
+        sizes: dict = {}
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
             if not any(is_traced(a) for a in jax.tree_util.tree_leaves((args, kwargs))):
-                check_compiled_memory(jitted.lower(*args, **kwargs).compile(), what, fix)
+                try:
+                    key = _signature(args, kwargs)
+                    hash(key)
+                except TypeError:  # an unhashable static value: measure every time
+                    key = None
+                if key is None or key not in sizes:
+                    measured = compiled_memory(jitted.lower(*args, **kwargs).compile())
+                    if key is not None:
+                        if len(sizes) > 4096:
+                            sizes.clear()
+                        sizes[key] = measured
+                require_memory(measured if key is None else sizes[key], what, fix)
             return jitted(*args, **kwargs)
 
         call.lower = jitted.lower

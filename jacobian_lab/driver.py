@@ -354,14 +354,35 @@ def check_params(model: Model, params) -> None:
             )
 
 
+HOST_CHECK_SIZE = 2**24
+"""Params of at most this many numbers are checked on the host (no kernel to compile for
+each new shape); larger ones by one compiled reduction on the device."""
+
+
+@jax.jit
+def _nonfinite_counts(arrays: list) -> list:
+    return [jnp.sum(~jnp.isfinite(a)) for a in arrays]
+
+
 def check_params_finite(params) -> None:
     """Raise ``ValueError`` naming the first params entry that holds inf or NaN (concrete
-    params only; the reduction runs on the device, one boolean per entry comes back)."""
-    for path, a in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if is_traced(a) or not hasattr(a, "dtype") or not jnp.issubdtype(a.dtype, jnp.inexact):
-            continue
-        with jax.ensure_compile_time_eval():  # concrete params closed over by a caller's jit
-            bad = int(jnp.sum(~jnp.isfinite(a)))
+    params only; traced ones are skipped)."""
+    entries = [
+        (path, a)
+        for path, a in jax.tree_util.tree_flatten_with_path(params)[0]
+        if not is_traced(a) and hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.inexact)
+    ]
+    if not entries:
+        return
+    arrays = [a for _, a in entries]
+    if sum(int(np.size(a)) for a in arrays) <= HOST_CHECK_SIZE:
+        # numpy: no compilation per shape, and concrete params closed over by a caller's
+        # jit are read, not staged
+        counts = [int(np.count_nonzero(~np.isfinite(np.asarray(a)))) for a in arrays]
+    else:
+        with jax.ensure_compile_time_eval():
+            counts = [int(c) for c in _nonfinite_counts(arrays)]
+    for (path, a), bad in zip(entries, counts, strict=True):
         if bad:
             raise ValueError(
                 f"{_path(_key_names(path))} holds inf or NaN ({bad} of {int(np.size(a))} "

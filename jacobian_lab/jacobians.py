@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jacobian_lab.checks import (
@@ -19,6 +20,7 @@ from jacobian_lab.checks import (
     check_float_input,
     is_traced,
     require_finite,
+    well_within_memory,
 )
 
 Mode = Literal["auto", "fwd", "rev"]
@@ -60,14 +62,22 @@ def jacobian(fn: Callable[[Any], Any], x: Any, *, mode: Mode = "auto") -> jax.Ar
     def flat_fn(v: jax.Array) -> jax.Array:
         return ravel_pytree(fn(unravel(v)))[0]
 
-    out_size = jax.eval_shape(flat_fn, flat_x).shape[0]
+    jaxpr = jax.make_jaxpr(flat_fn)(flat_x)
+    out_size = int(np.prod(jaxpr.out_avals[0].shape))
     if mode == "auto":
         mode = "fwd" if flat_x.shape[0] <= out_size else "rev"
-    jac = jax.jit(jax.jacfwd(flat_fn) if mode == "fwd" else jax.jacrev(flat_fn))
+    jac = jax.jacfwd(flat_fn) if mode == "fwd" else jax.jacrev(flat_fn)
     J = None
-    if not is_traced(flat_x):
-        try:  # compiled first, so that its memory is checked before anything is allocated
-            compiled = jac.lower(flat_x).compile()
+    tangents = flat_x.shape[0] if mode == "fwd" else out_size
+    bound = jnp.dtype(flat_x.dtype).itemsize * (
+        out_size * flat_x.shape[0] + tangents * _intermediate_size(jaxpr.jaxpr)
+    )
+    if not is_traced(flat_x) and not well_within_memory(bound):
+        # large enough to matter: compiled first, so that XLA's plan for its memory is
+        # checked before anything is allocated (small ones run as before, uncompiled)
+        jitted = jax.jit(jac)
+        try:
+            compiled = jitted.lower(flat_x).compile()
         except jax.errors.UnexpectedTracerError:  # fn closes over a caller's tracer
             compiled = None
         if compiled is not None:
@@ -83,6 +93,21 @@ def jacobian(fn: Callable[[Any], Any], x: Any, *, mode: Mode = "auto") -> jax.Ar
         J = jac(flat_x)
     require_finite(J, "the Jacobian", axis_name="output row")
     return J
+
+
+def _intermediate_size(jaxpr) -> int:
+    """Numbers in every value a jaxpr computes, nested jaxprs (scan and loop bodies)
+    included: with one copy per tangent, a generous bound on what differentiating it keeps
+    alive."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += sum(int(np.prod(v.aval.shape)) for v in eqn.outvars if hasattr(v.aval, "shape"))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += _intermediate_size(inner)
+    return total
 
 
 def flat_size(tree: Any) -> int:

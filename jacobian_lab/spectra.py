@@ -218,8 +218,11 @@ class Spectrum(NamedTuple):
 
     @property
     def condition_number(self) -> jax.Array:
-        """``s_1 / s_min`` (point values)."""
-        return self.largest.value / self.smallest.value
+        """``s_1 / s_min`` (point values); ``inf`` where ``s_min = 0`` (also for a zero
+        Jacobian, where the ratio would be 0/0)."""
+        s_min = jnp.asarray(self.smallest.value)
+        positive = s_min > 0
+        return jnp.where(positive, self.largest.value / jnp.where(positive, s_min, 1), jnp.inf)
 
     def cdf(self, t: jax.Array) -> jax.Array:
         """Fraction of the ``n`` eigenvalues of ``J^T J`` at most ``t`` (any shape). NaN
