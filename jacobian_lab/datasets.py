@@ -50,11 +50,105 @@ class Dataset(NamedTuple):
 
 def standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(x - mean) / std`` per feature with the training split's mean and standard
-    deviation (a feature constant on the training split keeps scale 1)."""
+    deviation (a feature constant on the training split keeps scale 1), as float32.
+
+    Each feature is first divided by its largest magnitude on the training split, which
+    changes nothing in exact arithmetic but keeps the squares of the standard deviation in
+    range: inputs near 1e300 (finite) would otherwise give an infinite standard deviation
+    and come back as zeros. Raises ``ValueError`` when a standardized test value is beyond
+    float32 (test inputs far outside the training split's spread)."""
+    x_train = np.asarray(x_train, np.float64)
+    x_test = np.asarray(x_test, np.float64)
+    scale = np.max(np.abs(x_train), axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    x_train, x_test = x_train / scale, x_test / scale
     mean = x_train.mean(axis=0)
     std = x_train.std(axis=0)
     std = np.where(std > 0, std, 1.0)
-    return ((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32)
+    with np.errstate(over="ignore"):
+        out = (
+            ((x_train - mean) / std).astype(np.float32),
+            ((x_test - mean) / std).astype(np.float32),
+        )
+    for split, a in zip(("x_train", "x_test"), out, strict=True):
+        if not np.all(np.isfinite(a)):
+            raise ValueError(
+                f"{split} standardized by the training split's mean and spread is beyond "
+                "float32 (its values lie far outside the training split's range): check the "
+                "data, or pass standardize_inputs=False"
+            )
+    return out
+
+
+def check_dataset_arrays(
+    x_train, y_train, x_test, y_test, num_classes: int | None, where: str = "data"
+) -> int:
+    """Check a classification data set and return its number of classes (inferred as the
+    largest label + 1 when ``num_classes`` is None). Raises ``ValueError`` (``TypeError``
+    for a wrong type) naming ``where`` and the array: inputs ``(samples, features...)``
+    with at least one sample per split, of real finite numbers and one feature shape;
+    labels ``(samples,)``, one per input row, integers in ``0 .. num_classes - 1``;
+    ``num_classes`` a positive int. An inferred number of classes beyond the number of
+    labelled examples (one stray label of 10^9) is refused: it would build a readout with
+    that many outputs. Shared by :func:`load_npz` and :func:`~jacobian_lab.train`."""
+    for split in ("train", "test"):
+        x = np.asarray(x_train if split == "train" else x_test)
+        y = np.asarray(y_train if split == "train" else y_test)
+        if x.ndim < 2 or x.shape[0] == 0:
+            raise ValueError(
+                f"{where}: x_{split} has shape {x.shape}; expected (samples, features...) "
+                "with at least one sample"
+            )
+        if not (np.issubdtype(x.dtype, np.number) and not np.iscomplexobj(x)):
+            raise ValueError(f"{where}: x_{split} has dtype {x.dtype}; expected real numbers")
+        finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+        if not finite.all():
+            raise ValueError(
+                f"{where}: x_{split} holds inf or NaN (first in row {int(np.argmin(finite))} "
+                f"of {x.shape[0]}); the inputs must be finite"
+            )
+        if y.shape != (x.shape[0],):
+            raise ValueError(
+                f"{where}: y_{split} has shape {y.shape}; expected ({x.shape[0]},), one "
+                f"label per row of x_{split}"
+            )
+        if not np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+            raise ValueError(
+                f"{where}: y_{split} must hold integer class labels 0, 1, ..., got dtype "
+                f"{y.dtype}: cast them with y.astype(np.int32) if they are whole numbers"
+            )
+        if y.min() < 0:
+            raise ValueError(
+                f"{where}: y_{split} must hold integer class labels 0, 1, ..., got "
+                f"{int(y.min())} in row {int(np.argmin(y))} (a negative label would wrap "
+                "around to the last class)"
+            )
+    if np.shape(x_train)[1:] != np.shape(x_test)[1:]:
+        raise ValueError(
+            f"{where}: x_train inputs have shape {np.shape(x_train)[1:]} but x_test inputs "
+            f"{np.shape(x_test)[1:]}; they must match"
+        )
+    top = max(int(np.max(y_train)), int(np.max(y_test)))
+    if num_classes is None:
+        labelled = len(y_train) + len(y_test)
+        if top + 1 > labelled:
+            split = "y_train" if int(np.max(y_train)) == top else "y_test"
+            row = int(np.argmax(np.asarray(y_train if split == "y_train" else y_test)))
+            raise ValueError(
+                f"{where}: {split}[{row}] = {top} implies {top + 1} classes, more than the "
+                f"{labelled} labelled examples: labels must number the classes 0, 1, ..., "
+                "C-1 (remap them, e.g. np.unique(y, return_inverse=True)[1])"
+            )
+        return top + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
+        raise TypeError(f"{where}: num_classes must be an int, got {num_classes!r}")
+    if num_classes < 1 or top >= num_classes:
+        split = "y_train" if int(np.max(y_train)) == top else "y_test"
+        raise ValueError(
+            f"{where}: labels must lie in 0 .. num_classes - 1 = {num_classes - 1}, but "
+            f"{split} holds {top}: raise num_classes or fix the labels"
+        )
+    return int(num_classes)
 
 
 def digits(*, standardize_inputs: bool = True) -> Dataset:
@@ -96,32 +190,7 @@ def load_npz(path: str | os.PathLike, *, standardize_inputs: bool = True) -> Dat
         raise ValueError(
             f"{path}: cannot read its arrays ({err}); save plain numeric arrays"
         ) from err
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.ndim < 2 or x.shape[0] == 0:
-            raise ValueError(
-                f"{path}: x_{split} has shape {x.shape}; expected (samples, features...) "
-                "with at least one sample"
-            )
-        if not (np.issubdtype(x.dtype, np.number) and not np.iscomplexobj(x)):
-            raise ValueError(f"{path}: x_{split} has dtype {x.dtype}; expected real numbers")
-        if not np.all(np.isfinite(x)):
-            raise ValueError(f"{path}: x_{split} holds inf or NaN")
-        if y.shape != (x.shape[0],):
-            raise ValueError(
-                f"{path}: y_{split} has shape {y.shape}; expected ({x.shape[0]},), one "
-                f"label per row of x_{split}"
-            )
-        if not np.issubdtype(y.dtype, np.integer) or (y.size and y.min() < 0):
-            raise ValueError(
-                f"{path}: y_{split} must hold integer class labels 0, 1, ..., got dtype "
-                f"{y.dtype}" + (f" with minimum {y.min()}" if y.size else "")
-            )
-    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
-        raise ValueError(
-            f"{path}: x_train inputs have shape {arrays['x_train'].shape[1:]} but x_test "
-            f"inputs {arrays['x_test'].shape[1:]}; they must match"
-        )
+    num_classes = check_dataset_arrays(*(arrays[k] for k in NPZ_ARRAYS), None, where=str(path))
     return _finish(
         arrays["x_train"].astype(np.float64),
         arrays["y_train"].astype(np.int32),
@@ -129,6 +198,7 @@ def load_npz(path: str | os.PathLike, *, standardize_inputs: bool = True) -> Dat
         arrays["y_test"].astype(np.int32),
         path.name,
         standardize_inputs,
+        num_classes,
     )
 
 
@@ -151,8 +221,11 @@ def gaussian_data(
     return Dataset(xs[0], ys[0], xs[1], ys[1], num_classes, f"gaussian-{dim}")
 
 
-def _finish(x_train, y_train, x_test, y_test, name: str, standardize_inputs: bool) -> Dataset:
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+def _finish(
+    x_train, y_train, x_test, y_test, name: str, standardize_inputs: bool, num_classes=None
+) -> Dataset:
+    if num_classes is None:
+        num_classes = int(max(y_train.max(), y_test.max())) + 1
     if standardize_inputs:
         x_train, x_test = standardize(x_train, x_test)
     return Dataset(

@@ -68,6 +68,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from jacobian_lab.checks import check_key
 from jacobian_lab.driver import (
     check_finite,
     check_values,
@@ -250,8 +251,16 @@ def _dilution_of(model: Model, tr, batch: int, fit: str, post: bool):
     return (share, skip_share, branch_share), parts, finite_layers(tr)
 
 
-_over_jacobians = over_trace(jac=True, blocks=True, static_argnums=(2, 3, 4))(_dilution_of)
-_over_outputs = over_trace(jac=False, blocks=True, static_argnums=(2, 3, 4))(_dilution_of)
+_MEMORY = (
+    "dilution keeps every layer's Jacobian and its linear split for every sample and",
+    "pass fewer samples per call, or fit='lstsq' (no Jacobians)",
+)
+_over_jacobians = over_trace(jac=True, blocks=True, static_argnums=(2, 3, 4), memory=_MEMORY)(
+    _dilution_of
+)
+_over_outputs = over_trace(jac=False, blocks=True, static_argnums=(2, 3, 4), memory=_MEMORY)(
+    _dilution_of
+)
 
 FITS = ("jacobian", "lstsq")
 
@@ -412,7 +421,7 @@ def add_node_split(net: Model, params: Params, x, key: jax.Array) -> AddNodeSpli
         :class:`AddNodeSplit`, fields ``(S, number of blocks)``, nearest the output first.
     """
     require_blocks(net)
-    vals = _add_node(net, params, prepare(net, params, x), key)
+    vals = _add_node(net, params, prepare(net, params, x), check_key(key))
     vals = vals[:, jnp.array(net.block_outputs)]
     check_values(vals[..., 0], "the gradient arriving at an add node (try float64)")
     return AddNodeSplit(*jnp.moveaxis(vals, -1, 0))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jacobian_lab.checks import is_traced
+from jacobian_lab.checks import check_key, is_traced, memory_checked
 from jacobian_lab.driver import (
     check_finite,
     check_lengths,
@@ -79,12 +78,12 @@ def gradient_scale(J: jax.Array, f_k: jax.Array, f_l: jax.Array) -> jax.Array:
     return jnp.exp(log_norm(J, axis=(-2, -1)) - 0.5 * jnp.log(J.shape[-1]) + lk - ll)
 
 
-def _gsc_from_logs(log_fro: jax.Array, sizes, log_len: jax.Array) -> jax.Array:
-    """``GSC(k, 0) = ||J_k^0||_F / sqrt(d_k) * ||f_k|| / ||f_0||`` from logarithms
-    ``(..., L+1)``: a ratio of scale-free quantities that cannot overflow or underflow
-    where its value is representable."""
+def _log_gsc(log_fro: jax.Array, sizes, log_len: jax.Array) -> jax.Array:
+    """``log GSC(k, 0) = log ||J_k^0||_F - log sqrt(d_k) + log ||f_k|| - log ||f_0||`` from
+    logarithms ``(..., L+1)``: finite wherever the factors are, even where ``GSC(k, 0)``
+    itself is beyond the dtype's range (``-inf`` for a zero Jacobian product)."""
     log_d = jnp.log(jnp.asarray(sizes, log_fro.dtype))
-    return jnp.exp(log_fro - 0.5 * log_d + log_len - log_len[..., :1])
+    return log_fro - 0.5 * log_d + log_len - log_len[..., :1]
 
 
 def backward_log_norms(jacs: list) -> jax.Array:
@@ -104,11 +103,18 @@ def backward_log_norms(jacs: list) -> jax.Array:
     return jnp.concatenate([log_g[None], scan_down(step, (G, log_g), jacs)])
 
 
-@over_trace(jac=True)
+_MEM_GSC_DENSE = (
+    "gsc(method='dense') keeps every layer's Jacobian for every sample and",
+    "use gsc(..., method='matrix_free') or gsc_estimate, which keep no Jacobian, or pass "
+    "fewer samples per call",
+)
+
+
+@over_trace(jac=True, memory=_MEM_GSC_DENSE)
 def _gsc_dense(model: Model, tr):
     log_fro = jax.vmap(backward_log_norms)([r.jac for r in tr.records])
     log_len = log_lengths(tr)
-    return _gsc_from_logs(log_fro, layer_sizes(tr), log_len), finite_layers(tr), log_len
+    return _log_gsc(log_fro, layer_sizes(tr), log_len), finite_layers(tr), log_len
 
 
 class AutoMethodWarning(UserWarning):
@@ -117,28 +123,65 @@ class AutoMethodWarning(UserWarning):
 
 
 class UnderflowWarning(RuntimeWarning):
-    """A Jacobian product is exactly zero: the value is an underflow or a dead network, not
-    a measured gradient scale."""
+    """A value is zero or below the dtype's range: an underflow or a dead network, not a
+    measured gradient scale."""
 
 
-def warn_zero_gsc(g: jax.Array, model: Model) -> None:
-    """Warn (:class:`UnderflowWarning`) when some ``GSC(k, 0)``, ``k >= 1``, is exactly zero,
-    naming the layer whose Jacobian made ``d f_0 / d f_k`` zero. Nothing under tracing."""
-    if is_traced(g):
+def check_log_range(
+    log_g: jax.Array, model: Model, *, log: bool, call: str = "gsc", name: str = "GSC({k}, 0)"
+) -> None:
+    """Check a profile of logarithms ``log_g`` ``(..., L+1)`` (entry ``k``: ``name`` with
+    ``{k}`` filled in) before it is returned as values (``log=False``) or logarithms:
+
+    * ``-inf`` at some ``k >= 1``: the Jacobian product is exactly zero. Warns
+      (:class:`UnderflowWarning`) naming the layer whose Jacobian made it zero;
+    * (values only) a finite logarithm whose value is below the smallest normal number of
+      the dtype: ``exp`` returns 0 or a denormal (which XLA may flush to 0), an underflow
+      of the *result*, not of any layer. Warns saying so, with the logarithm's size and
+      ``call(..., log=True)`` as the fix;
+    * (values only) a finite logarithm beyond the largest number: ``OverflowError``.
+
+    Nothing under tracing."""
+    if is_traced(log_g):
         return
-    zero = np.asarray(jnp.any(g[..., 1:] == 0, axis=tuple(range(g.ndim - 1))))
-    if not zero.any():
+    lg = np.asarray(log_g, np.float64).reshape(-1, log_g.shape[-1])
+    zero = np.isneginf(lg[:, 1:]).any(axis=0)
+    if zero.any():
+        k = int(np.argmax(zero)) + 1
+        warnings.warn(
+            f"{name.format(k='k')} is exactly 0 for k >= {k}: the Jacobian of "
+            f"{model.layer_label(k - 1)} "
+            f"with respect to f_{k} is zero or underflowed to zero (saturated units, e.g. "
+            "tanh'(x) rounds to 0 for |x| > 9 in float32 and > 19 in float64, or dead ReLUs). "
+            "These zeros are not measurements of the gradient scale: try float64 or a smaller "
+            "weight scale.",
+            UnderflowWarning,
+            stacklevel=3,
+        )
+    if log:
         return
-    k = int(np.argmax(zero)) + 1
-    warnings.warn(
-        f"GSC(k, 0) is exactly 0 for k >= {k}: the Jacobian of {model.layer_label(k - 1)} "
-        f"with respect to f_{k} is zero or underflowed to zero (saturated units, e.g. "
-        "tanh'(x) rounds to 0 for |x| > 9 in float32 and > 19 in float64, or dead ReLUs). "
-        "These zeros are not measurements of the gradient scale: try float64 or a smaller "
-        "weight scale.",
-        UnderflowWarning,
-        stacklevel=3,
-    )
+    info = jnp.finfo(log_g.dtype)
+    finite = np.isfinite(lg)
+    over = finite & (lg > np.log(float(info.max)))
+    under = finite & (lg < np.log(float(info.tiny)))
+    for bad, where in ((over, "above the largest"), (under, "below the smallest normal")):
+        if not bad.any():
+            continue
+        k = int(np.argmax(bad.any(axis=0)))
+        power = lg[:, k][bad[:, k]][0] / np.log(10)
+        message = (
+            f"{name.format(k=k)} is about 1e{power:.0f}, {where} {info.dtype} number "
+            f"({float(info.max if bad is over else info.tiny):.3g}): the value cannot be "
+            f"returned in {info.dtype} although every layer is finite; {call}(..., "
+            "log=True) returns its logarithm (exact), or measure in float64"
+        )
+        if bad is over:
+            raise OverflowError(message)
+        warnings.warn(
+            message + "; it comes back as 0 (or a denormal), not a measurement",
+            UnderflowWarning,
+            stacklevel=3,
+        )
 
 
 def gsc(
@@ -150,6 +193,7 @@ def gsc(
     key: jax.Array | None = None,
     num_probes: int = 64,
     memory_budget: int | None = None,
+    log: bool = False,
 ) -> jax.Array:
     """GSC from every layer to the output, per sample.
 
@@ -165,11 +209,20 @@ def gsc(
             come from :func:`gsc_estimate`).
         key, num_probes: for the matrix-free method (default key ``PRNGKey(0)``); use
             :func:`gsc_estimate` for the standard errors.
+        log: return ``log GSC(k, 0)`` instead, finite wherever the GSC itself is beyond
+            the dtype's range (it is computed in logs throughout).
 
     Returns:
         ``(S, L+1)`` array ``g`` with ``g[s, k] = GSC(k, 0)`` at sample ``s``, for
         ``k = 0`` (the output; always 1) up to ``k = L`` (the input), in the GSC paper's
         indexing. ``S = B`` for per-example networks, the number of batches for batch norm.
+
+    Raises:
+        MemoryError: the dense method's Jacobians cannot fit in the device's memory
+            (before anything is allocated; use ``method="matrix_free"``).
+        OverflowError: with ``log=False``, a GSC beyond the dtype's range.
+    Warns :class:`UnderflowWarning` naming the layer when a Jacobian product is exactly
+    zero, and saying so when a GSC is below the dtype's range (:func:`check_log_range`).
 
     Cost (dense): one forward pass with per-layer Jacobians plus ``L`` matrix products per
     sample, memory ``S * L * d^2`` numbers. Matrix-free: ``num_probes`` backward passes.
@@ -188,22 +241,42 @@ def gsc(
                 AutoMethodWarning,
                 stacklevel=2,
             )
-        key = jax.random.PRNGKey(0) if key is None else key
-        return gsc_estimate(net, params, x, key, num_probes).value
-    g, ok, log_len = _gsc_dense(net, params, xs)
-    check_finite(ok, net)
+        key = jax.random.PRNGKey(0) if key is None else check_key(key)
+        log_q, _, log_len = _gsc_probes(net, params, xs, key, check_count(num_probes, "num_probes"))
+        check_finite(_estimate_finite(log_q, log_len), net)
+        log_g = _log_gsc(0.5 * log_q, gsc_sizes(net, params, xs), log_len)
+    else:
+        log_g, ok, log_len = _gsc_dense(net, params, xs)
+        check_finite(ok, net)
     check_lengths(log_len, net)
-    warn_zero_gsc(g, net)
-    return g
+    check_log_range(log_g, net, log=log)
+    return log_g if log else jnp.exp(log_g)
 
 
-@over_trace(jac=True)
+_MEM_LOG_GRADIENT_NORMS = (
+    "gradient_norm(method='dense') keeps every layer's Jacobian for every sample and",
+    "use gradient_norm(..., method='matrix_free'), which keeps no Jacobian, or pass fewer "
+    "samples per call",
+)
+
+
+@over_trace(jac=True, memory=_MEM_LOG_GRADIENT_NORMS)
 def _log_gradient_norms(model: Model, tr):
     log_fro = jax.vmap(backward_log_norms)([r.jac for r in tr.records])
     return log_fro - 0.5 * jnp.log(1.0 * layer_sizes(tr)[0]), finite_layers(tr)
 
 
-def gradient_norm(net: Model, params: Params, x, *, log: bool = False) -> jax.Array:
+def gradient_norm(
+    net: Model,
+    params: Params,
+    x,
+    *,
+    log: bool = False,
+    method: str = "auto",
+    key: jax.Array | None = None,
+    num_probes: int = 64,
+    memory_budget: int | None = None,
+) -> jax.Array:
     """The raw size of the backpropagated gradient at every layer, per sample:
     ``||J_k^0||_F / sqrt(d_0)``, the root mean square of ``||J_k^0^T u||`` over ``u``
     uniform on the unit sphere of the output space (``d_0`` its size), since
@@ -217,10 +290,14 @@ def gradient_norm(net: Model, params: Params, x, *, log: bool = False) -> jax.Ar
     layer outputs shrink towards the output faster (e.g. tanh with ``sigma_w = 1``).
 
     Args:
-        net, params, x: as in :func:`gsc` (any model; computed densely from every layer's
-            Jacobian, memory ``S * L * d^2`` numbers as :func:`gsc`'s dense method).
+        net, params, x: as in :func:`gsc` (any model).
         log: return the natural log instead, finite wherever the norm itself would
             overflow or underflow the dtype (it is carried in logs throughout).
+        method, key, num_probes, memory_budget: as in :func:`gsc`: ``"dense"`` from every
+            layer's Jacobian (memory ``S * L * d^2`` numbers), ``"matrix_free"`` from
+            ``num_probes`` backward passes (Hutchinson: ``E ||J_k^0^T u||^2 =
+            ||J_k^0||_F^2`` over Rademacher ``u``, every layer from one pass per probe, as
+            :func:`gsc_estimate`), ``"auto"`` dense within the memory budget.
 
     Returns:
         ``(S, L+1)``; ``[s, k]`` for ``k = 0`` (the output, always 1) up to ``k = L`` (the
@@ -228,29 +305,23 @@ def gradient_norm(net: Model, params: Params, x, *, log: bool = False) -> jax.Ar
 
     Raises:
         FloatingPointError: a layer's output or Jacobian is not finite (names the layer).
+        MemoryError: the dense method's Jacobians cannot fit (before anything is
+            allocated; use ``method="matrix_free"``).
         OverflowError: with ``log=False``, a norm beyond the dtype's range (use ``log=True``).
     Warns :class:`UnderflowWarning` when a norm is exactly zero (dead or saturated units),
-    or, with ``log=False``, underflows to zero.
+    or, with ``log=False``, is below the dtype's range (:func:`check_log_range`).
     """
-    log_g, ok = _log_gradient_norms(net, params, prepare(net, params, x))
-    check_finite(ok, net)
-    value = log_g if log else jnp.exp(log_g)
-    zero = np.asarray(jnp.any(jnp.isneginf(log_g) if log else value == 0, axis=0))
-    if zero[1:].any():
-        k = int(np.argmax(zero[1:])) + 1
-        warnings.warn(
-            f"the gradient norm at f_{k} is exactly 0 for some sample"
-            + (" (log -inf)" if log else "")
-            + f": the Jacobian of {net.layer_label(k - 1)} is zero or the product underflowed"
-            + ("" if log else "; gradient_norm(..., log=True) keeps it in logs"),
-            UnderflowWarning,
-            stacklevel=2,
-        )
-    if not log and bool(jnp.any(jnp.isinf(value))):
-        raise OverflowError(
-            "the gradient norm overflows the dtype; use gradient_norm(..., log=True)"
-        )
-    return value
+    xs = prepare(net, params, x)
+    if choose_method(method, dense_gsc_bytes(net, params, xs), memory_budget) != "dense":
+        key = jax.random.PRNGKey(0) if key is None else check_key(key)
+        log_q, _, log_len = _gsc_probes(net, params, xs, key, check_count(num_probes, "num_probes"))
+        check_finite(_estimate_finite(log_q, log_len), net)
+        log_g = 0.5 * log_q - 0.5 * jnp.log(1.0 * gsc_sizes(net, params, xs)[0])
+    else:
+        log_g, ok = _log_gradient_norms(net, params, xs)
+        check_finite(ok, net)
+    check_log_range(log_g, net, log=log, call="gradient_norm", name="the gradient norm at f_{k}")
+    return log_g if log else jnp.exp(log_g)
 
 
 def gsc_sizes(model: Model, params: Params, xs) -> list[int]:
@@ -321,7 +392,11 @@ def _probe_log_norms(model: Model, params: Params, x, key, num_probes: int):
     return jnp.concatenate([log_fro, log_x[:, None]], axis=1), log_len
 
 
-@partial(jax.jit, static_argnums=(0, 4))
+@memory_checked(
+    "the matrix-free GSC keeps num_probes copies of every layer's output per sample and",
+    "use fewer num_probes or pass fewer samples per call",
+    static_argnums=(0, 4),
+)
 def _gsc_probes(model: Model, params: Params, xs, key, num_probes: int):
     """Per sample and layer: ``log Q`` with ``Q`` the mean of ``||J_k^0^T u||^2`` over the
     probes, the relative standard error ``se(Q) / Q`` (``ddof=1``; ``inf`` for one probe)
@@ -390,13 +465,15 @@ def gsc_estimate(net: Model, params: Params, x, key: jax.Array, num_probes: int 
     """
 
     num_probes = check_count(num_probes, "num_probes")
+    key = check_key(key)
     xs = prepare(net, params, x)
     log_q, rel, log_len = _gsc_probes(net, params, xs, key, num_probes)
     sizes = gsc_sizes(net, params, xs)
     check_finite(_estimate_finite(log_q, log_len), net)
     check_lengths(log_len, net)
-    value = _gsc_from_logs(0.5 * log_q, sizes, log_len)
-    warn_zero_gsc(value, net)
+    log_g = _log_gsc(0.5 * log_q, sizes, log_len)
+    check_log_range(log_g, net, log=False, call="gsc")
+    value = jnp.exp(log_g)
     if num_probes < MIN_PROBES_FOR_ERROR:
         rel = jnp.full_like(rel, jnp.inf)
     rel = rel.at[:, 0].set(0.0)  # GSC(0, 0) = 1 exactly
@@ -404,7 +481,14 @@ def gsc_estimate(net: Model, params: Params, x, key: jax.Array, num_probes: int 
     return Estimate(value, error, probe_dof(rel, num_probes), jnp.full(value.shape, True))
 
 
-@over_trace(jac=True)
+_MEM_GSC_MATRIX = (
+    "gsc_matrix keeps every layer's Jacobian and the products below each layer and",
+    "pass fewer samples per call; gsc(..., method='matrix_free') gives GSC(k, 0) without "
+    "Jacobians (GSC(k, l) for every pair has no matrix-free form here)",
+)
+
+
+@over_trace(jac=True, memory=_MEM_GSC_MATRIX)
 def _gsc_matrix(model: Model, tr):
     L = model.num_layers
     sizes = layer_sizes(tr)
@@ -422,14 +506,14 @@ def _gsc_matrix(model: Model, tr):
     log_fro = jax.vmap(one)([r.jac for r in tr.records])  # (S, l, k)
     log_len = log_lengths(tr)
     log_d = jnp.log(jnp.asarray(sizes, log_fro.dtype))
-    g = jnp.exp(log_fro - 0.5 * log_d + log_len[:, None, :] - log_len[:, :, None])
+    log_g = log_fro - 0.5 * log_d + log_len[:, None, :] - log_len[:, :, None]
     k_idx = jnp.arange(L + 1)
-    g = jnp.where(k_idx[None, :] >= k_idx[:, None], g, jnp.nan)
+    log_g = jnp.where(k_idx[None, :] >= k_idx[:, None], log_g, jnp.nan)
     in_range = jnp.all(jnp.isfinite(log_fro) | (log_fro == -jnp.inf))  # -inf: a zero product
-    return jnp.swapaxes(g, 1, 2), finite_layers(tr), log_len, in_range
+    return jnp.swapaxes(log_g, 1, 2), finite_layers(tr), log_len, in_range
 
 
-def gsc_matrix(net: Model, params: Params, x) -> jax.Array:
+def gsc_matrix(net: Model, params: Params, x, *, log: bool = False) -> jax.Array:
     """GSC(k, l) for every pair of layers, per sample, from one pass.
 
     Row ``k`` is the layer perturbed, column ``l`` the layer observed. Column ``l`` is the
@@ -440,11 +524,12 @@ def gsc_matrix(net: Model, params: Params, x) -> jax.Array:
     Returns:
         ``(S, L+1, L+1)`` array ``G`` with ``G[s, k, l] = GSC(k, l)`` for ``k >= l``
         (1 on the diagonal) and NaN for ``k < l``; GSC-paper indexing (0 = output,
-        ``L`` = input).
+        ``L`` = input). With ``log=True``, ``log GSC(k, l)`` (finite where the GSC is
+        beyond the dtype's range; see :func:`gsc`).
 
     Cost: ``O(L^2 d^3)`` per sample and ``O(L d^2)`` memory (only norms are kept).
     """
-    g, ok, log_len, in_range = _gsc_matrix(net, params, prepare(net, params, x))
+    log_g, ok, log_len, in_range = _gsc_matrix(net, params, prepare(net, params, x))
     check_finite(ok, net)
     check_lengths(log_len, net)
     if not is_traced(in_range) and not bool(in_range):
@@ -453,8 +538,9 @@ def gsc_matrix(net: Model, params: Params, x) -> jax.Array:
             "(a single layer's Jacobian norm beyond about 1e19 in float32); use "
             "dtype='float64'"
         )
-    warn_zero_gsc(g[:, :, 0], net)
-    return g
+    # every column l is the profile of a prefix network: rows k as its last axis
+    check_log_range(jnp.swapaxes(log_g, 1, 2), net, log=log, call="gsc_matrix", name="GSC({k}, l)")
+    return log_g if log else jnp.exp(log_g)
 
 
 class GrowthRate(NamedTuple):
@@ -555,20 +641,25 @@ def gsc_over_seeds(
             )
         init = net.init
     check_keys(keys)
+    if jnp.shape(keys)[0] == 0:
+        raise ValueError(
+            "keys holds no seeds (a leading axis of length 0): pass "
+            "jax.random.split(jax.random.PRNGKey(0), n_seeds) with n_seeds >= 1"
+        )
     # Parameters are drawn outside the sharded program: compiling the draw into it made
     # XLA's compile of the looks-linear (batched QR) initializer hang on CPU.
     params = jax.vmap(init)(keys)
     params0 = jax.tree_util.tree_map(lambda a: a[0], params)
     xs = prepare(net, params0, x)
     if choose_method(method, dense_gsc_bytes(net, params0, xs), memory_budget) == "dense":
-        g = map_over_devices(lambda p: _gsc_dense(net, p, xs)[0], params, devices=devices)
+        g = map_over_devices(lambda p: jnp.exp(_gsc_dense(net, p, xs)[0]), params, devices=devices)
     else:
         sizes = gsc_sizes(net, params0, xs)
         probe_key = jax.random.PRNGKey(0) if key is None else key
 
         def one(p):
             log_q, _, log_len = _gsc_probes(net, p, xs, probe_key, num_probes)
-            return _gsc_from_logs(0.5 * log_q, sizes, log_len)
+            return jnp.exp(_log_gsc(0.5 * log_q, sizes, log_len))
 
         g = map_over_devices(one, params, devices=devices)
     bad = ~jnp.all(jnp.isfinite(g), axis=(1, 2))

@@ -21,14 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jacobian_lab.checks import check_memory, is_traced
+from jacobian_lab.checks import is_traced, memory_checked
 from jacobian_lab.driver import (
     Trace,
     check_finite,
-    compute_dtype,
     finite_layers,
     flat_jacobian,
-    output_sizes,
     over_trace,
     per_layer,
     prepare,
@@ -97,7 +95,14 @@ def stacked_jacobians(model: Model, tr: Trace) -> LayerJacobians:
     return LayerJacobians(units, pad(stem, (d, stem.shape[-1])), outputs, tr.x)
 
 
-@over_trace(jac=True)
+_MEM_LAYER_JACOBIANS = (
+    "layer_jacobians keeps every layer's Jacobian for every sample and",
+    "pass fewer samples per call (gsc(..., method='matrix_free') and jacobian_spectrum("
+    "..., method='matrix_free') measure without them)",
+)
+
+
+@over_trace(jac=True, memory=_MEM_LAYER_JACOBIANS)
 def _layer_jacobians(model: Model, tr) -> tuple[LayerJacobians, jax.Array]:
     return stacked_jacobians(model, tr), finite_layers(tr)
 
@@ -228,7 +233,13 @@ class PairJacobians(NamedTuple):
     from_input: jax.Array
 
 
-@over_trace(jac=True)
+_MEM_PAIR_JACOBIANS = (
+    "layer_to_layer_jacobians keeps every layer-to-layer Jacobian (S L^2 d^2 numbers) and",
+    "use gsc_matrix (norms only), or fewer samples or layers",
+)
+
+
+@over_trace(jac=True, memory=_MEM_PAIR_JACOBIANS)
 def _pair_jacobians(model: Model, tr):
     L = model.num_layers
     d = max(max(r.jac.shape[2:]) for r in tr.records)
@@ -252,22 +263,20 @@ def layer_to_layer_jacobians(net: Model, params: Params, x) -> PairJacobians:
     Memory is ``S * L^2 * d^2`` numbers: for large depths use :func:`jacobian_lab.gsc_matrix`,
     which keeps only the norms. Shapes and indexing: :class:`PairJacobians`.
     """
-    xs = prepare(net, params, x)
-    sizes = output_sizes(net, params, xs)
-    S, L, d = jax.tree_util.tree_leaves(xs)[0].shape[0], len(sizes), max(max(s) for s in sizes)
-    check_memory(
-        S
-        * (L * L * d * d + L * d * sizes[0][0])
-        * jnp.dtype(compute_dtype(net) or "float32").itemsize,
-        "every layer-to-layer Jacobian (S L^2 d^2 numbers) needs",
-        "use gsc_matrix (norms only), or fewer samples or layers",
-    )
-    pj, ok = _pair_jacobians(net, params, xs)
+    pj, ok = _pair_jacobians(net, params, prepare(net, params, x))
     check_finite(ok, net)
     return pj
 
 
-@over_trace(jac=True)
+_MEM_INPUT_TO_LAYER_JACOBIANS = (
+    "input_to_layer_jacobians keeps the Jacobian of every layer with respect to the input "
+    "for every sample and",
+    "pass fewer samples per call, or take a prefix network's spectrum matrix-free "
+    "(jacobian_spectrum(fn, x, method='matrix_free'))",
+)
+
+
+@over_trace(jac=True, memory=_MEM_INPUT_TO_LAYER_JACOBIANS)
 def _input_to_layer_jacobians(model: Model, tr):
     d = max(r.jac.shape[2] for r in tr.records)
     emit = lambda P_in, _: pad(P_in, (d, P_in.shape[-1]))  # noqa: E731
@@ -294,7 +303,12 @@ def input_to_layer_jacobians(net: Model, params: Params, x) -> jax.Array:
     return P
 
 
-@partial(jax.jit, static_argnums=0)
+@memory_checked(
+    "input_output_jacobian keeps the network's Jacobian for every sample and",
+    "pass fewer samples per call, or use jacobian_spectrum(fn, x, method='matrix_free') or "
+    "jl.frobenius_norm_sq, which keep no Jacobian",
+    static_argnums=0,
+)
 def _input_output_jacobian(model: Model, params: Params, xs) -> jax.Array:
     def one(s):
         flat, unravel = ravel_pytree(s)

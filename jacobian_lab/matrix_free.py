@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -32,7 +33,7 @@ import scipy.stats
 from jax.flatten_util import ravel_pytree
 from matfree import decomp, stochtrace
 
-from jacobian_lab.checks import is_traced
+from jacobian_lab.checks import check_float_input, check_key, is_traced
 
 DEFAULT_MEMORY_BUDGET = 2**30
 """Bytes a dense Jacobian method may use before ``method="auto"`` goes matrix-free."""
@@ -216,6 +217,7 @@ def jacobian_operator(fn: Callable[[Any], Any], x: Any) -> Operator:
     ``jax.jvp`` on CPU (jax 0.10.1, width 1024, depth 10; ``jax.linear_transpose`` of it
     was as fast as the pullback), so the forward pass is recomputed instead.
     """
+    check_float_input(x)
     flat_x, unravel = ravel_pytree(x)
 
     def flat_fn(v):
@@ -308,6 +310,7 @@ def frobenius_norm_sq(
     else:
         n = sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(x))
         num_probes = check_count(num_probes, "num_probes", 2, n)
+    key = check_key(key)
     op = jacobian_operator(fn, x)
     like = jnp.zeros(op.shape[1], op.dtype)
     if method == "hutchinson":
@@ -328,62 +331,197 @@ class ExtremeSingularValues(NamedTuple):
 
     Fields:
         largest: :class:`Estimate`; ``error`` bounds the distance from the Ritz value to
-            *some* singular value of ``J`` (the residual bound), so with the Ritz value
-            converged it is the largest one.
+            *some* singular value of ``J`` (the residual bound plus the rounding floor of
+            :func:`bidiagonalize`), so with the Ritz value converged it is the largest one.
         smallest: :class:`Estimate` of ``sigma_min`` over ``min(m, n)`` values; the Ritz
-            value is an upper bound that converges slowly (exact at ``num_matvecs = min(m,
-            n)``); its ``error`` bounds the distance to *some* singular value, which is
-            ``sigma_min`` only once the Ritz value has converged.
-        condition_number: ``largest / smallest`` (their values).
-        num_matvecs: Lanczos steps taken.
+            value is an upper bound that converges slowly (exact once the Krylov space is
+            exhausted: ``num_matvecs = min(m, n)``, or an invariant subspace found); its
+            ``error`` bounds the distance to *some* singular value, which is ``sigma_min``
+            only once the Ritz value has converged.
+        condition_number: ``largest / smallest`` (their values; ``inf`` where the smallest
+            is 0, including the zero operator).
+        num_matvecs: Lanczos steps whose vectors were kept (fewer than asked where an
+            invariant subspace was found, see :func:`bidiagonalize`).
     """
 
     largest: Estimate
     smallest: Estimate
     condition_number: jax.Array
-    num_matvecs: int
+    num_matvecs: jax.Array
 
 
-def _bidiagonalize(op: Operator, v0: jax.Array, num_matvecs: int):
+class Bidiagonal(NamedTuple):
+    """A Golub-Kahan-Lanczos factorization cut where it stays valid (:func:`bidiagonalize`).
+
+    Fields:
+        singular_values: ``(k,)`` Ritz values, descending; entries past ``steps`` are 0.
+        right: ``(k, k)`` right singular vectors of the kept bidiagonal (zero past the cut)
+            as columns: ``right[0, j]^2`` is the Gauss quadrature weight of node ``j``.
+        left_last: ``(k,)`` the last kept row of the left singular vectors, ``P[steps-1, j]``.
+        residual: the norm ``beta`` of the kept factorization's residual: 0 at an invariant
+            subspace.
+        dropped: the size of the entry set to 0 to close an invariant subspace (rounding
+            noise; 0 when none).
+        floor: the rounding floor of the Ritz values (see :func:`bidiagonalize`).
+        steps: Lanczos steps kept (an int array).
+        finite: ``False`` when the operator's products held inf or NaN.
+    """
+
+    singular_values: jax.Array
+    right: jax.Array
+    left_last: jax.Array
+    residual: jax.Array
+    dropped: jax.Array
+    floor: jax.Array
+    steps: jax.Array
+    finite: jax.Array
+
+
+def _first(bad: jax.Array) -> jax.Array:
+    """Index of the first true entry of ``bad`` (its length when none)."""
+    return jnp.where(jnp.any(bad), jnp.argmax(bad), bad.shape[0])
+
+
+def bidiagonalize(op: Operator, v0: jax.Array, num_matvecs: int) -> Bidiagonal:
+    """``k = min(num_matvecs, m, n)`` steps of Golub-Kahan-Lanczos bidiagonalization of
+    ``op`` from ``v0`` (matfree's ``decomp.bidiag``, full reorthogonalization), cut where
+    the factorization stops being valid, and the SVD of the kept bidiagonal.
+
+    matfree runs a fixed number of steps. When the Krylov space becomes invariant (an
+    isometric ``J``, a few distinct singular values, a rank below ``k``, a zero ``J``), the
+    next Lanczos vector is 0 (matfree then divides 0 by 0: NaN) or rounding noise, and
+    noise normalized and reorthogonalized against a space it lies in loses orthogonality;
+    the steps after that are garbage (Ritz values beyond ``||J||``: 2e3 against 7 on a
+    depth-30 ReLU Jacobian). So the factorization is cut at the first step ``i`` whose
+    vector is not finite or not orthogonal to the earlier ones (overlap above
+    ``eps^(3/4)`` of the Lanczos dtype; two reorthogonalization passes keep valid vectors
+    within a few ``eps``):
+
+    * a bad right vector ``v_i``: ``V_i`` spans an invariant subspace of ``J^T J`` up to
+      ``beta_i`` (0, or rounding noise), kept with residual ``beta_i``;
+    * a bad left vector ``u_i`` (``J v_i`` already in the span of the ``u``'s): ``V_{i+1}``
+      is invariant once ``alpha_i`` is set to 0 (``dropped``; a singular value of 0).
+
+    A finite ``alpha`` or ``beta`` at the cut is an invariant subspace; a non-finite one
+    means the operator's products are not finite (``finite`` is then false).
+
+    Rounding: the products ``J v`` carry errors up to about ``eps sqrt(n) ||J||`` in the
+    operator's dtype (a sum of ``n`` rounded products) and the kept vectors have overlaps
+    up to ``delta`` (measured; at most ``eps_L^(3/4)``), so no Ritz value is resolved
+    better than ``floor = (eps sqrt(min(m, n)) + sqrt(k) delta) theta_1`` (``theta_1`` the
+    largest Ritz value). Every error bound adds it. A wide ``J`` should be passed as
+    ``J^T`` (a smaller Krylov space, the same nonzero singular values).
+
+    Returns:
+        :class:`Bidiagonal`. Costs ``k`` products with ``J`` and ``k`` with ``J^T``.
+    """
     matvec, dt = _lanczos_matvec(op)
     k = min(num_matvecs, *op.shape)
     res = decomp.bidiag(k)(matvec, v0.astype(dt))
-    return res, k
+    U, V = res.Q_tall  # (k, m), (k, n): one Lanczos vector per row
+    eps = float(jnp.finfo(op.dtype).eps)
+    return _cut(U, V, res.J_small, jnp.linalg.norm(res.residual), eps, min(op.shape))
+
+
+@partial(jax.jit, static_argnums=(4, 5))
+def _cut(U, V, B, end, eps: float, min_dim: int) -> Bidiagonal:
+    """The cut and the SVD of :func:`bidiagonalize` (one compiled program per shape)."""
+    k = B.shape[0]
+    tol = jnp.finfo(B.dtype).eps ** 0.75
+    alphas = jnp.diagonal(B)
+    betas = jnp.concatenate([jnp.zeros(1, B.dtype), jnp.diagonal(B, 1)])  # betas[i]: of v_i
+    below = jnp.tril(jnp.ones((k, k), bool), -1)
+
+    def bad_rows(Q):
+        overlap = jnp.max(jnp.where(below, jnp.abs(Q @ Q.T), 0.0), axis=1)
+        return ~(jnp.all(jnp.isfinite(Q), axis=1) & (overlap <= tol))  # NaN fails too
+
+    first_v = _first(bad_rows(V))
+    first_u = _first(bad_rows(U) | ~(alphas > 0))
+    u_cut = first_u < first_v  # J v_i lies in span(U): close with alpha_i = 0
+    steps = jnp.where(u_cut, first_u + 1, first_v)
+    index = jnp.arange(k)
+    at_cut = jnp.minimum(jnp.where(u_cut, first_u, first_v), k - 1)
+    finite = jnp.where(
+        u_cut,
+        jnp.isfinite(alphas[at_cut]),
+        jnp.where(first_v < k, jnp.isfinite(betas[at_cut]), True),
+    )
+    finite &= jnp.all(jnp.isfinite(jnp.where(index < steps, alphas, 0.0)))
+    residual = jnp.where(
+        u_cut, 0.0, jnp.where(first_v < k, betas[at_cut], jnp.where(jnp.isfinite(end), end, 0.0))
+    )
+    dropped = jnp.where(u_cut & jnp.isfinite(alphas[at_cut]), jnp.abs(alphas[at_cut]), 0.0)
+    keep = index < steps
+    kept = jnp.where(keep[:, None] & keep[None, :], B, 0.0)
+    kept = jnp.where(u_cut & (index == first_u)[:, None] & (index == first_u)[None, :], 0.0, kept)
+    kept = jnp.where(jnp.isfinite(kept), kept, 0.0)
+    # past the cut the matrix is 0, so the kept block's singular values are the first
+    # `steps` of the descending SVD; the rest are 0, whose right vectors give node 0 its
+    # weight even where a kept 0 and the cut-off zeros mix
+    P, sv, Yt = jnp.linalg.svd(kept)
+    Y = Yt.T
+    left_last = P[jnp.maximum(steps - 1, 0)]
+    overlap = jnp.max(  # the kept vectors' largest overlap, measured
+        jnp.where(below & keep[:, None] & keep[None, :], jnp.abs(V @ V.T) + jnp.abs(U @ U.T), 0.0)
+    )
+    overlap = jnp.where(jnp.isfinite(overlap), overlap, tol)
+    floor = (eps * np.sqrt(min_dim) + np.sqrt(k) * overlap) * sv[0]
+    return Bidiagonal(sv, Y, left_last, residual, dropped, floor, steps, finite)
+
+
+def require_finite_products(finite: jax.Array, what: str) -> None:
+    """Raise ``FloatingPointError`` (outside ``jit``) when a Krylov method met inf or NaN in
+    the operator's products: ``fn`` itself is not finite at ``x`` along the probes."""
+    if is_traced(finite) or bool(jnp.all(finite)):
+        return
+    raise FloatingPointError(
+        f"{what}: the Jacobian-vector products of fn at x hold inf or NaN (fn or its "
+        "derivative is not finite there); check fn(x) and jl.jacobian(fn, x), or use float64"
+    )
 
 
 def extreme_singular_values(
     fn: Callable[[Any], Any], x: Any, key: jax.Array, num_matvecs: int = 64
 ) -> ExtremeSingularValues:
     """Largest and smallest singular value of ``J = d fn / d x`` by Golub-Kahan-Lanczos
-    bidiagonalization (matfree ``decomp.bidiag``, full reorthogonalization).
+    bidiagonalization (:func:`bidiagonalize`: matfree ``decomp.bidiag``, full
+    reorthogonalization, cut at an invariant subspace).
 
-    ``k = min(num_matvecs, m, n)`` steps give ``J V_k = U_k B_k`` and
+    ``k <= min(num_matvecs, m, n)`` steps give ``J V_k = U_k B_k`` and
     ``J^T U_k = V_k B_k^T + beta_{k+1} v_{k+1} e_k^T``; the singular values ``theta_i`` of
     the small bidiagonal ``B_k`` (Ritz values) lie in the range of ``J``'s. With
     ``B_k = P diag(theta) Q^T``, the residual bound: some singular value of ``J`` lies within
     ``beta_{k+1} |P[k, i]|`` of ``theta_i`` (the last entry of the *left* singular vector;
-    ``beta_{k+1}`` is the norm of matfree's residual). A wide ``J`` (``m < n``) is
-    bidiagonalized as ``J^T``, so that the smallest Ritz value approaches
-    ``s_min(m, n)`` rather than the zeros of the null space.
+    ``beta_{k+1}`` is the norm of matfree's residual); the reported error adds the entry
+    dropped at an invariant subspace and the rounding floor of :func:`bidiagonalize`. A
+    wide ``J`` (``m < n``) is bidiagonalized as ``J^T``, so that the smallest Ritz value
+    approaches ``s_min(m, n)`` rather than the zeros of the null space. A zero ``J`` gives
+    0 and 0 (condition number ``inf``).
 
     Returns:
         :class:`ExtremeSingularValues`. Costs ``k`` JVPs and ``k`` VJPs. ``num_matvecs``
-        must be an ``int >= 1``.
+        must be an ``int >= 1``; ``x`` real floats (``TypeError`` naming ``x`` otherwise).
+
+    Raises:
+        FloatingPointError: the products hold inf or NaN.
     """
     num_matvecs = check_count(num_matvecs, "num_matvecs")
+    key = check_key(key)
     op = jacobian_operator(fn, x)
     if op.shape[0] < op.shape[1]:  # wide: the same singular values, without the null space
         op = Operator(op.vecmat, op.matvec, op.shape[::-1], op.dtype)
     v0 = jax.random.normal(key, (op.shape[1],), op.dtype)
-    res, k = _bidiagonalize(op, v0, num_matvecs)
-    P, s, _ = jnp.linalg.svd(res.J_small)
-    beta = jnp.linalg.norm(res.residual)
-    beta = jnp.where(jnp.isfinite(beta), beta, 0.0)  # exhausted space: residual 0/0
-    bound = beta * jnp.abs(P[-1, :])
+    bd = bidiagonalize(op, v0, num_matvecs)
+    require_finite_products(bd.finite, "extreme_singular_values")
+    bound = bd.residual * jnp.abs(bd.left_last) + bd.dropped + bd.floor
+    last = jnp.maximum(bd.steps - 1, 0)
     cast = lambda a: a.astype(op.dtype)  # noqa: E731
-    largest = Estimate(cast(s[0]), cast(bound[0]))
-    smallest = Estimate(cast(s[-1]), cast(bound[-1]))
-    return ExtremeSingularValues(largest, smallest, cast(s[0] / s[-1]), k)
+    largest = Estimate(cast(bd.singular_values[0]), cast(bound[0]))
+    smallest = Estimate(cast(bd.singular_values[last]), cast(bound[last]))
+    s_min = bd.singular_values[last]
+    cond = jnp.where(s_min > 0, bd.singular_values[0] / jnp.where(s_min > 0, s_min, 1), jnp.inf)
+    return ExtremeSingularValues(largest, smallest, cast(cond), bd.steps)
 
 
 class SLQ(NamedTuple):
@@ -394,12 +532,16 @@ class SLQ(NamedTuple):
     ``(1/P) sum_p sum_j weights[p, j] delta(nodes[p, j])``.
 
     Fields:
-        nodes: ``(P, k)`` Ritz values ``theta^2`` per probe.
-        weights: ``(P, k)``, each row summing to 1.
+        nodes: ``(P, k)`` Ritz values ``theta^2`` per probe (``(P, k + 1)`` for a wide
+            ``J``: the last column is the null space's 0).
+        weights: same shape, each row summing to 1; nodes past a probe's kept steps
+            (an invariant subspace, see :func:`bidiagonalize`) are 0 with weight 0.
+        steps: ``(P,)`` Lanczos steps kept per probe.
     """
 
     nodes: jax.Array
     weights: jax.Array
+    steps: jax.Array | None = None
 
 
 def slq_spectrum(
@@ -412,24 +554,42 @@ def slq_spectrum(
     """Stochastic Lanczos quadrature for the squared singular values of ``J = d fn / d x``.
 
     For each Rademacher probe ``v`` (``||v||^2 = n``), ``k`` steps of Golub-Kahan-Lanczos
-    (matfree ``decomp.bidiag``) from ``v`` give ``B_k``; with ``B_k = U S Y^T`` the nodes are
-    ``S^2`` and the weights ``Y[0, :]^2`` (Gauss quadrature for ``v^T g(J^T J) v / n``).
+    (:func:`bidiagonalize`, cut at an invariant subspace) from ``v`` give ``B_k``; with
+    ``B_k = U S Y^T`` the nodes are ``S^2`` and the weights ``Y[0, :]^2`` (Gauss quadrature
+    for ``v^T g(J^T J) v / n``). A wide ``J`` (``m < n``) is probed from its smaller side:
+    ``J J^T`` (``m x m``) has the nonzero eigenvalues of ``J^T J``, which has ``n - m`` more
+    zeros, so the measure is ``m / n`` times the quadrature of ``J J^T`` plus an atom
+    ``(n - m) / n`` at 0, exactly (no Monte-Carlo error on the null space, and a Krylov
+    space of size ``m``).
 
     Returns:
         :class:`SLQ`. Cost: ``k`` steps, each one batched JVP and VJP over all probes
         (memory ``num_probes * k * (m + n)`` numbers for the Lanczos vectors). Moments
         ``E[lambda^j]`` of the measure are exact for ``j < 2k`` up to the probe's
-        Monte-Carlo error. ``num_probes`` and ``num_matvecs`` must be ``int >= 1``.
+        Monte-Carlo error, and the whole measure once ``k = min(m, n)``.
+        ``num_probes`` and ``num_matvecs`` must be ``int >= 1``.
+
+    Raises:
+        FloatingPointError: the products hold inf or NaN.
     """
     num_probes = check_count(num_probes, "num_probes")
     num_matvecs = check_count(num_matvecs, "num_matvecs")
+    key = check_key(key)
     op = jacobian_operator(fn, x)
+    m, n = op.shape
+    if m < n:  # wide: J J^T, then the null space's atom
+        op = Operator(op.vecmat, op.matvec, (n, m), op.dtype)
     probes = stochtrace.sampler_signs(jnp.zeros(op.shape[1], op.dtype), num=num_probes)(key)
 
     def one(v):
-        res, _ = _bidiagonalize(op, v, num_matvecs)
-        _, s, Yt = jnp.linalg.svd(res.J_small)
-        return s**2, Yt[:, 0] ** 2
+        bd = bidiagonalize(op, v, num_matvecs)
+        return bd.singular_values**2, bd.right[0, :] ** 2, bd.steps, bd.finite
 
-    nodes, weights = jax.vmap(one)(probes)  # one product serves all probes per step
-    return SLQ(nodes.astype(op.dtype), weights.astype(op.dtype))
+    nodes, weights, steps, finite = jax.vmap(one)(probes)  # one product serves all probes
+    require_finite_products(finite, "slq_spectrum")
+    if m < n:
+        nodes = jnp.concatenate([nodes, jnp.zeros((num_probes, 1), nodes.dtype)], axis=1)
+        weights = jnp.concatenate(
+            [weights * (m / n), jnp.full((num_probes, 1), (n - m) / n, weights.dtype)], axis=1
+        )
+    return SLQ(nodes.astype(op.dtype), weights.astype(op.dtype), steps)

@@ -4,7 +4,7 @@ For weights ``N(0, sigma_w^2 / n)`` and biases ``N(0, sigma_b^2)`` (Poole et al.
 arXiv 1606.05340; Schoenholz et al., arXiv 1611.01232), the pre-activations of a layer are
 Gaussian in the wide limit, with
 
-* the **length map** ``q_l = sigma_w^2 E_z[phi(sqrt(q_{l-1}) z)^2] + sigma_b^2``
+* the **length map** ``q_l = V(q_{l-1}) = sigma_w^2 E_z[phi(sqrt(q_{l-1}) z)^2] + sigma_b^2``
   (``z ~ N(0, 1)``) and its fixed point ``q*``;
 * the **correlation map** ``c_l = (sigma_w^2 E[phi(u_1) phi(u_2)] + sigma_b^2) / q*`` with
   ``u_1 = sqrt(q*) z_1``, ``u_2 = sqrt(q*) (c z_1 + sqrt(1 - c^2) z_2)``, and its fixed
@@ -16,6 +16,41 @@ Gaussian in the wide limit, with
   ``xi_c = -1 / ln(sigma_w^2 E[phi'(u_1) phi'(u_2)])`` at ``c*`` (Schoenholz et al., eqs. 5
   and 9), over which lengths and correlations approach their fixed points.
 
+**Outside a finite nonzero fixed point.** The length map need not have one: with
+``sigma_b = 0`` and ``phi(0) = 0`` lengths may shrink to ``q* = 0`` (tanh with
+``sigma_w < 1``, ReLU with ``sigma_w < sqrt(2)``), and for an unbounded activation they
+may grow without bound, ``q* = inf`` (ReLU with ``sigma_w > sqrt(2)``, or ``sigma_w =
+sqrt(2)`` and ``sigma_b > 0``; SELU, GELU and swish at large ``sigma_w``). ``q*`` is then
+reported as 0 or ``inf``, and every other quantity is its limit there, derived as
+follows. Near ``q = 0`` an activation acts as its one-sided linearization ``phi_0(u) = a u``
+(``u > 0``), ``b u`` (``u < 0``) with ``a, b = phi'(0+), phi'(0-)``; near ``q = inf`` as its
+homogeneous asymptote ``phi_inf(u) = lim_s phi(s u) / s``, of the same form with
+``a, b = phi'(+inf), phi'(-inf)`` (ReLU and GELU: 1, 0; SELU: lambda, 0). For such a
+positively homogeneous ``phi``:
+
+* ``E[phi'(sqrt(q) z)^2] = E[phi(z)^2] = (a^2 + b^2) / 2`` for every ``q``, so
+  ``chi_1 = sigma_w^2 (a^2 + b^2) / 2``, and the lengths change by the same factor per
+  layer, ``rho = q_{l+1} / q_l = chi_1`` (field ``q_ratio``; 1 at a finite fixed point);
+* ``xi_q`` is the e-folding depth of the approach to ``q*`` in the coordinate where it is
+  finite (``q`` for ``q* = 0``, ``1 / q`` for ``q* = inf``): ``1 / |ln rho|``, infinite
+  for ``rho = 1`` (lengths growing linearly, e.g. ReLU at ``sigma_w = sqrt(2)``,
+  ``sigma_b > 0``);
+* the correlation map loses ``sigma_b`` (negligible against ``q -> inf``; zero when
+  ``q* = 0``) and ``sigma_w`` (a common factor) and becomes the kernel of ``phi``: writing
+  ``phi(u) = p u + m |u|`` with ``p = (a + b) / 2``, ``m = (a - b) / 2``,
+  ``K(c) = (p^2 c + m^2 (2/pi) (sqrt(1 - c^2) + c asin c)) / (p^2 + m^2)`` (Cho & Saul's
+  arc-cosine kernel for ReLU). ``K'(1) = 1``, so correlations approach ``c* = 1``
+  polynomially, not exponentially: ``xi_c = inf``; and ``K(c) >= c`` with equality only at
+  ``c = 1`` when ``m != 0``. When ``m = 0`` (``phi`` linear there: a linear network, or tanh
+  shrinking to ``q* = 0``) ``K`` is the identity and every correlation is kept: ``c*`` is
+  then NaN (undefined), the only NaN these functions return for valid arguments;
+* so the GSC, which divides by the lengths, grows by ``sqrt(chi_1 / rho) = 1`` per layer
+  (:func:`gsc_growth_rate`): a positively homogeneous network's GSC is scale free.
+
+Arguments are checked (:func:`check_arguments`): a NaN, infinite or negative ``sigma_w``
+or ``sigma_b``, a NaN or negative length, a correlation outside ``[-1, 1]`` raise
+``ValueError`` naming the argument.
+
 Gaussian expectations use Gauss-Legendre quadrature against the Gaussian density on
 ``[-12, 12]``, split at the activation's kinks (:data:`KINKS`, e.g. 0 for ReLU; in two
 dimensions, also along the oblique line where the second variable crosses a kink), so every
@@ -26,6 +61,7 @@ over their numeric arguments and return NumPy float64 arrays.
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import NamedTuple
 
@@ -37,6 +73,11 @@ from jacobian_lab.activations import get_activation
 
 KINKS = {"relu": (0.0,), "selu": (0.0,), "hard_tanh": (-1.0, 1.0)}
 """Points where an activation (or its derivative) is not smooth; integrals are split there."""
+
+HOMOGENEOUS = ("linear", "relu")
+"""Activations that are positively homogeneous of degree 1, ``phi(s u) = s phi(u)`` for
+``s > 0``: their length map is linear, ``V(q) = sigma_w^2 E[phi(z)^2] q + sigma_b^2``, so
+``q*`` has a closed form (:func:`fixed_length`)."""
 
 TAIL = 12.0
 """Integrals over z ~ N(0, 1) are taken on [-TAIL, TAIL] (the rest has mass < 1e-32)."""
@@ -50,6 +91,19 @@ Z_BREAKS = (-5.0, -2.0, 0.0, 2.0, 5.0)
 U_BREAKS = (-6.0, -2.0, -0.5, 0.5, 2.0, 6.0)
 """Splits in the activation's argument u = sqrt(q) z, where activations change; they
 resolve narrow features when q is large."""
+
+EDGE = 1e300
+"""The limits ``q -> 0`` and ``q -> inf`` are read off the activation at ``|u| = 1 / EDGE``
+and ``|u| = EDGE``, where every activation here equals its one-sided limit (value and
+derivatives) to rounding."""
+
+MARGINAL = 1e-12
+"""A map whose slope is within this of 1 is marginal (its depth scale is infinite)."""
+
+SEARCH_STEP = 0.5
+SEARCH_STEPS = 1400
+""":func:`fixed_length` scans ``ln q`` from 0 in steps of ``SEARCH_STEP`` for at most
+``SEARCH_STEPS`` steps (``q`` from ``e^-700`` to ``e^700``), then bisects."""
 
 
 def _pieces(breaks: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -79,39 +133,114 @@ def _kinks(activation: str) -> jax.Array:
     return jnp.asarray(KINKS.get(activation, ()) + U_BREAKS, jnp.float64)
 
 
+def _interior(q: jax.Array) -> jax.Array:
+    """Where ``0 < q < inf``: the quadrature applies; elsewhere a limit is taken."""
+    return (q > 0) & (q < jnp.inf)
+
+
+def _edge_point(q: jax.Array) -> jax.Array:
+    """The ``|u|`` at which the limit ``q -> 0`` (``1 / EDGE``) or ``q -> inf`` (``EDGE``)
+    is read off an activation."""
+    return jnp.where(q == 0, 1 / EDGE, EDGE)
+
+
 def _expect(f, q: jax.Array, activation: str) -> jax.Array:
     """``E_z[f(sqrt(q) z)]`` broadcast over ``q``; ``f`` is smooth away from the kinks of
-    ``activation``."""
+    ``activation``. At ``q = 0`` and ``q = inf`` the limit: each half of the Gaussian sends
+    ``sqrt(q) z`` to one side, so the limit is ``(f(0+) + f(0-)) / 2`` or
+    ``(f(+inf) + f(-inf)) / 2`` (``inf`` for an unbounded ``f``)."""
     q = jnp.asarray(q)
-    s = jnp.sqrt(q)[..., None]
-    z, w = _pieces(_kinks(activation) / jnp.where(s > 0, s, 1.0))
-    return jnp.sum(w * f(s * z), axis=-1)
+    inside = _interior(q)
+    s = jnp.sqrt(jnp.where(inside, q, 1.0))[..., None]
+    z, w = _pieces(_kinks(activation) / s)
+    u = _edge_point(q)
+    return jnp.where(inside, jnp.sum(w * f(s * z), axis=-1), 0.5 * (f(u) + f(-u)))
 
 
 def _expect2(f, g, q: jax.Array, c: jax.Array, activation: str) -> jax.Array:
     """``E[f(u_1) g(u_2)]`` for Gaussians of variance ``q`` and correlation ``c``
     (broadcast together): ``u_1 = sqrt(q) z_1``, ``u_2 = sqrt(q) (c z_1 + sqrt(1-c^2) z_2)``;
-    both integrals are split at the points where ``u_1`` or ``u_2`` crosses a kink."""
+    both integrals are split at the points where ``u_1`` or ``u_2`` crosses a kink. At
+    ``q = 0`` and ``q = inf`` the limit through the orthant probabilities,
+    ``P(u_1 > 0, u_2 > 0) = 1/4 + asin(c) / (2 pi)`` (for ``f``, ``g`` with one-sided limits
+    there)."""
     q, c = jnp.broadcast_arrays(jnp.asarray(q), jnp.asarray(c))
+    inside = _interior(q)
     kinks = _kinks(activation)
-    s = jnp.sqrt(q)[..., None]
-    safe_s = jnp.where(s > 0, s, 1.0)
-    z1, w1 = _pieces(kinks / safe_s)  # (..., n1)
+    s = jnp.sqrt(jnp.where(inside, q, 1.0))[..., None]
+    z1, w1 = _pieces(kinks / s)  # (..., n1)
     cc = c[..., None]
     r = jnp.sqrt(jnp.clip(1 - cc**2, 0.0))
     safe_r = jnp.where(r > 0, r, 1.0)[..., None]
     # inner kinks: sqrt(q) (c z1 + r z2) = k  ->  z2 = (k / sqrt(q) - c z1) / r
-    inner = (kinks / safe_s[..., None] - (cc * z1)[..., None]) / safe_r
+    inner = (kinks / s[..., None] - (cc * z1)[..., None]) / safe_r
     z2, w2 = _pieces(inner)  # (..., n1, n2)
     u1 = (s * z1)[..., None]
     u2 = s[..., None] * ((cc * z1)[..., None] + r[..., None] * z2)
-    return jnp.sum(w1[..., None] * w2 * f(u1) * g(u2), axis=(-2, -1))
+    interior = jnp.sum(w1[..., None] * w2 * f(u1) * g(u2), axis=(-2, -1))
+    u = _edge_point(q)
+    same = 0.25 + jnp.arcsin(jnp.clip(c, -1, 1)) / (2 * np.pi)
+    edge = same * (f(u) * g(u) + f(-u) * g(-u)) + (0.5 - same) * (f(u) * g(-u) + f(-u) * g(u))
+    return jnp.where(inside, interior, edge)
+
+
+def _check_values(name: str, value, *, low: float | None, high: float | None, finite: bool):
+    if value is None or isinstance(value, jax.core.Tracer):  # values unknown under tracing
+        return
+    try:
+        a = np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number or an array of numbers, got {value!r}") from None
+    bad = np.isnan(a) | (~np.isfinite(a) if finite else False)
+    if low is not None:
+        bad |= a < low
+    if high is not None:
+        bad |= a > high
+    if not np.any(bad):
+        return
+    want = {
+        "sigma_w": "finite and >= 0 (the weights' standard deviation times sqrt(fan_in))",
+        "sigma_b": "finite and >= 0 (the biases' standard deviation)",
+        "q": ">= 0 (a pre-activation variance; inf for the limit of large lengths)",
+        "q1": ">= 0 (the first layer's pre-activation variance)",
+        "c": "in [-1, 1] (a correlation)",
+        "residual_scale": "finite",
+    }[name]
+    first = a.ravel()[np.argmax(np.ravel(bad))] if a.ndim else float(a)
+    where = f" (entry {int(np.argmax(np.ravel(bad)))} of {a.size})" if a.ndim else ""
+    raise ValueError(f"{name} must be {want}, got {first!r}{where}")
+
+
+def check_arguments(**named) -> None:
+    """Raise ``ValueError`` naming the first argument out of range: ``sigma_w``,
+    ``sigma_b`` finite and ``>= 0`` (and ``sigma_w^2`` a float64 number), lengths ``q``,
+    ``q1`` not NaN and ``>= 0`` (``inf`` allowed: the limit), a correlation ``c`` in
+    ``[-1, 1]``, ``residual_scale`` finite. Arguments given as ``None`` and traced values
+    are skipped."""
+    rules = {
+        "sigma_w": (0.0, 1e150, True),  # sigma_w^2 must stay a float64 number
+        "sigma_b": (0.0, 1e150, True),
+        "q": (0.0, None, False),
+        "q1": (0.0, None, False),
+        "c": (-1.0, 1.0, True),
+        "residual_scale": (None, None, True),
+    }
+    for name, value in named.items():
+        low, high, finite = rules[name]
+        _check_values(name, value, low=low, high=high, finite=finite)
+
+
+_CHECKED = ("sigma_w", "sigma_b", "q", "q1", "c", "residual_scale")
 
 
 def _float64(fn):
-    """Run ``fn`` in 64-bit JAX and hand back NumPy arrays."""
+    """Check the arguments (:func:`check_arguments`), run ``fn`` in 64-bit JAX and hand back
+    NumPy arrays."""
+    signature = inspect.signature(fn)
 
     def wrapped(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        check_arguments(**{k: v for k, v in bound.arguments.items() if k in _CHECKED})
         with jax.enable_x64(True):
             args = [jnp.asarray(a, jnp.float64) if not isinstance(a, str) else a for a in args]
             out = fn(*args, **kwargs)
@@ -119,12 +248,35 @@ def _float64(fn):
 
     wrapped.__doc__ = fn.__doc__
     wrapped.__name__ = fn.__name__
+    wrapped.__signature__ = signature
     return wrapped
+
+
+def _slopes(activation: str, q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(a, b) = (phi'(0+), phi'(0-))`` where ``q = 0``, ``(phi'(+inf), phi'(-inf))``
+    where ``q = inf`` (elsewhere the latter): the slopes of the positively homogeneous
+    activation that ``phi`` acts as in that limit (module docstring)."""
+    _, d1, _ = _derivatives(activation)
+    u = _edge_point(jnp.asarray(q))
+    return d1(u), d1(-u)
+
+
+def _kernel(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+    """The correlation map of the positively homogeneous ``phi(u) = a u`` (``u > 0``),
+    ``b u`` (``u < 0``) without bias: ``E[phi(z_1) phi(z_2)] / E[phi(z)^2]`` at correlation
+    ``c``. With ``phi(u) = p u + m |u|``, ``E[z_1 |z_2|] = 0`` and ``E|z_1 z_2| = (2 / pi)
+    (sqrt(1 - c^2) + c asin c)``."""
+    p, m = (a + b) / 2, (a - b) / 2
+    c = jnp.clip(c, -1, 1)
+    abs_pair = 2 / np.pi * (jnp.sqrt(jnp.clip(1 - c**2, 0.0)) + c * jnp.arcsin(c))
+    total = p**2 + m**2
+    return jnp.where(total > 0, (p**2 * c + m**2 * abs_pair) / jnp.where(total > 0, total, 1), c)
 
 
 @_float64
 def length_map(activation: str, q, sigma_w, sigma_b):
-    """One step of the length map: ``sigma_w^2 E[phi(sqrt(q) z)^2] + sigma_b^2``."""
+    """One step of the length map: ``sigma_w^2 E[phi(sqrt(q) z)^2] + sigma_b^2`` (its
+    limit at ``q = 0`` or ``inf``)."""
     phi, _, _ = _derivatives(activation)
     return sigma_w**2 * _expect(lambda u: phi(u) ** 2, q, activation) + sigma_b**2
 
@@ -132,11 +284,20 @@ def length_map(activation: str, q, sigma_w, sigma_b):
 @_float64
 def correlation_map(activation: str, c, q, sigma_w, sigma_b):
     """One step of the correlation map at length ``q`` (usually ``q*``):
-    ``(sigma_w^2 E[phi(u_1) phi(u_2)] + sigma_b^2) / (sigma_w^2 E[phi(u)^2] + sigma_b^2)``."""
+    ``(sigma_w^2 E[phi(u_1) phi(u_2)] + sigma_b^2) / (sigma_w^2 E[phi(u)^2] + sigma_b^2)``.
+    At ``q = 0`` or ``inf``, where that ratio is ``0/0`` or ``inf/inf``, its limit: the
+    kernel of the activation's homogeneous limit (module docstring)."""
+    return _correlation_map(activation, c, q, sigma_w, sigma_b)
+
+
+def _correlation_map(activation: str, c, q, sigma_w, sigma_b):
     phi, _, _ = _derivatives(activation)
     q12 = sigma_w**2 * _expect2(phi, phi, q, c, activation) + sigma_b**2
     q11 = sigma_w**2 * _expect(lambda u: phi(u) ** 2, q, activation) + sigma_b**2
-    return q12 / q11
+    ratio = q12 / jnp.where((q11 > 0) & (q11 < jnp.inf), q11, 1.0)
+    a, b = _slopes(activation, q)
+    degenerate = ~((q11 > 0) & (q11 < jnp.inf))
+    return jnp.where(degenerate, _kernel(a, b, c), ratio)
 
 
 @partial(jax.jit, static_argnums=(0, 4))
@@ -159,7 +320,8 @@ def _lengths(activation: str, q1, sigma_w, sigma_b, depth: int):
 
 @_float64
 def length_sequence(activation: str, q1, sigma_w, sigma_b, depth: int):
-    """Pre-activation lengths ``q_1 .. q_depth`` of a network whose first layer has ``q_1``.
+    """Pre-activation lengths ``q_1 .. q_depth`` of a network whose first layer has ``q_1``
+    (``inf`` once they pass float64's range).
 
     Returns:
         ``(depth, *broadcast shape)``.
@@ -167,15 +329,92 @@ def length_sequence(activation: str, q1, sigma_w, sigma_b, depth: int):
     return _lengths(activation, q1, sigma_w, sigma_b, int(depth))
 
 
-@partial(jax.jit, static_argnums=(0, 3))
-def _q_star(activation, sigma_w, sigma_b, iterations):
+@partial(jax.jit, static_argnums=0)
+def _search_fixed_length(activation, sigma_w, sigma_b):
+    """``q*`` reached from ``q = 1`` by a scan of ``h(t) = ln V(e^t) - t`` (``V`` the
+    length map) from ``t = 0`` in the direction of ``sign h(0)``, the direction in which
+    iterating ``V`` moves ``q`` (``V`` increases with ``q``), to the first sign change,
+    then bisection; no sign change: ``inf`` (lengths grow) or 0 (they shrink)."""
     phi, _, _ = _derivatives(activation)
-    q0 = jnp.ones(jnp.broadcast_shapes(jnp.shape(sigma_w), jnp.shape(sigma_b)))
+    shape = jnp.broadcast_shapes(jnp.shape(sigma_w), jnp.shape(sigma_b))
+    sw, sb = jnp.broadcast_to(sigma_w, shape), jnp.broadcast_to(sigma_b, shape)
 
-    def step(q, _):
-        return sigma_w**2 * _expect(lambda u: phi(u) ** 2, q, activation) + sigma_b**2, None
+    def h(t):
+        V = sw**2 * _expect(lambda u: phi(u) ** 2, jnp.exp(t), activation) + sb**2
+        return jnp.log(V) - t
 
-    return jax.lax.scan(step, q0, None, length=iterations)[0]
+    h0 = h(jnp.zeros(shape))
+    up = h0 > 0
+    step = jnp.where(up, SEARCH_STEP, -SEARCH_STEP)
+
+    def crossed(value):
+        return jnp.where(up, value <= 0, value >= 0)
+
+    def scan_cond(state):
+        j, _, _, found = state
+        return (j < SEARCH_STEPS) & ~jnp.all(found)
+
+    def scan_body(state):
+        j, lo, hi, found = state
+        t_next = (j + 1) * step
+        new = crossed(h(t_next)) & ~found
+        lo = jnp.where(new, j * step, lo)
+        hi = jnp.where(new, t_next, hi)
+        return j + 1, lo, hi, found | new
+
+    zeros = jnp.zeros(shape)
+    start = (jnp.asarray(0), zeros, zeros, h0 == 0)
+    _, lo, hi, found = jax.lax.while_loop(scan_cond, scan_body, start)
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        keep_lo = crossed(h(mid))
+        return jnp.where(keep_lo, lo, mid), jnp.where(keep_lo, mid, hi)
+
+    lo, hi = jax.lax.fori_loop(0, 60, bisect, (lo, hi))
+    q = jnp.where(found, jnp.exp(0.5 * (lo + hi)), jnp.where(up, jnp.inf, 0.0))
+    return jnp.where(h0 == 0, 1.0, q)
+
+
+@_float64
+def fixed_length(activation: str, sigma_w, sigma_b):
+    """The fixed point ``q*`` of the length map reached from ``q = 1``: finite, 0 (lengths
+    shrink to 0, possible only for ``sigma_b = 0`` and ``phi(0) = 0``) or ``inf`` (they grow
+    without bound, possible only for unbounded activations).
+
+    For the positively homogeneous activations (:data:`HOMOGENEOUS`), ``V(q) = A q +
+    sigma_b^2`` with ``A = sigma_w^2 E[phi(z)^2]``: ``q* = sigma_b^2 / (1 - A)`` for
+    ``A < 1``, ``inf`` for ``A >= 1`` and ``sigma_b > 0`` (for ``A = 1`` lengths grow
+    linearly); without bias ``0`` (``A < 1``), ``inf`` (``A > 1``) or, for ``A = 1``
+    (within :data:`MARGINAL`; e.g. He-initialized ReLU), 1: the map is the identity and
+    every length is a fixed point. Otherwise :func:`_search_fixed_length`: ``q*`` to about
+    1e-13 relative (the quadrature's accuracy); near a marginal fixed point at 0 (tanh with
+    ``sigma_w = 1``, ``sigma_b = 0``, where ``V(q) = q - 2 q^2 + ...``) that means ``q*``
+    of order 1e-13 or 0.
+    """
+    return _fixed_length(activation, sigma_w, sigma_b)
+
+
+def _fixed_length(activation: str, sigma_w, sigma_b):
+    if activation not in HOMOGENEOUS:
+        return _search_fixed_length(activation, sigma_w, sigma_b)
+    a, b = _slopes(activation, 1.0)
+    A = sigma_w**2 * (a**2 + b**2) / 2
+    marginal = jnp.abs(A - 1) <= MARGINAL
+    with_bias = jnp.where(
+        A < 1 - MARGINAL, sigma_b**2 / jnp.where(A < 1 - MARGINAL, 1 - A, 1.0), jnp.inf
+    )
+    no_bias = jnp.where(marginal, 1.0, jnp.where(A < 1, 0.0, jnp.inf))
+    return jnp.where(sigma_b > 0, with_bias, no_bias)
+
+
+@partial(jax.jit, static_argnums=0)
+def _chi_1(activation: str, sigma_w, sigma_b):
+    """``chi_1`` at :func:`fixed_length` (its limit at ``q* = 0`` or ``inf``)."""
+    _, d1, _ = _derivatives(activation)
+    q = _fixed_length(activation, sigma_w, sigma_b)
+    return sigma_w**2 * _expect(lambda u: d1(u) ** 2, q, activation)
 
 
 @partial(jax.jit, static_argnums=(0, 4))
@@ -189,21 +428,24 @@ def _c_star(activation, q, sigma_w, sigma_b, iterations):
     return jax.lax.scan(step, jnp.zeros_like(q), None, length=iterations)[0]
 
 
-@_float64
-def _fixed_length(activation: str, sigma_w, sigma_b, iterations: int = 2000):
-    return _q_star(activation, sigma_w, sigma_b, iterations)
-
-
 class MeanField(NamedTuple):
     """Mean-field quantities at the fixed point (arrays of the broadcast parameter shape).
 
     Fields:
-        q_star: fixed point of the length map (pre-activation variance per unit).
+        q_star: fixed point of the length map reached from ``q = 1`` (pre-activation
+            variance per unit): finite, 0 or ``inf`` (:func:`fixed_length`).
         c_star: stable fixed point of the correlation map: 1 in the ordered phase and on
-            the critical line (``chi_1 <= 1``), below 1 in the chaotic phase.
-        chi_1: ``sigma_w^2 E[phi'(sqrt(q*) z)^2]``.
-        xi_q: depth scale of the length map (layers).
-        xi_c: depth scale of the correlation map (layers; infinite on the critical line).
+            the critical line (``chi_1 <= 1``), below 1 in the chaotic phase; at ``q* = 0``
+            or ``inf``, 1, or NaN where the correlation map is the identity (module
+            docstring).
+        chi_1: ``sigma_w^2 E[phi'(sqrt(q*) z)^2]`` (its limit at ``q* = 0`` or ``inf``).
+        xi_q: depth scale of the length map (layers): the e-folding depth of the approach
+            to ``q*``; infinite when marginal.
+        xi_c: depth scale of the correlation map (layers; infinite on the critical line,
+            and at ``q* = 0`` or ``inf``, where correlations approach 1 polynomially).
+        q_ratio: ``q_{l+1} / q_l`` deep in the network: 1 at a finite nonzero ``q*``, the
+            factor by which lengths shrink (``q* = 0``) or grow (``q* = inf``) per layer
+            otherwise (``chi_1`` there).
     """
 
     q_star: np.ndarray
@@ -211,44 +453,81 @@ class MeanField(NamedTuple):
     chi_1: np.ndarray
     xi_q: np.ndarray
     xi_c: np.ndarray
+    q_ratio: np.ndarray
 
 
 @_float64
 def mean_field(activation: str, sigma_w, sigma_b, *, iterations: int = 2000) -> MeanField:
     """Fixed points, ``chi_1`` and depth scales for ``phi = activation`` at
-    ``(sigma_w, sigma_b)`` (broadcast together).
+    ``(sigma_w, sigma_b)`` (broadcast together; finite and ``>= 0``, else ``ValueError``).
 
-    ``q*`` comes from iterating the length map ``iterations`` times from ``q = 1``. The
-    slope of the correlation map at ``c = 1`` is ``chi_1``, so for ``chi_1 <= 1`` the
-    stable fixed point is ``c* = 1`` and ``xi_c = -1 / ln chi_1`` (infinite on the critical
-    line); for ``chi_1 > 1`` ``c*`` comes from iterating the correlation map from 0.
+    ``q*`` is :func:`fixed_length`. At a finite nonzero ``q*``: the slope of the
+    correlation map at ``c = 1`` is ``chi_1``, so for ``chi_1 <= 1`` the stable fixed point
+    is ``c* = 1`` and ``xi_c = -1 / ln chi_1`` (infinite on the critical line); for
+    ``chi_1 > 1`` ``c*`` comes from iterating the correlation map ``iterations`` times from
+    0, and ``xi_q = -1 / ln V'(q*)`` with ``V'(q*) = chi_1 + sigma_w^2 E[phi'' phi]``.
+    Where the correlation map is the identity (a linear network without bias at
+    ``sigma_w = 1``) ``c*`` is NaN. At ``q* = 0`` or ``inf``: the limits of the module
+    docstring (``chi_1 = q_ratio = sigma_w^2 (a^2 + b^2) / 2``, ``xi_q = 1 / |ln q_ratio|``,
+    ``c*`` = 1 or NaN, ``xi_c = inf``).
 
-    Convergence is geometric except where a fixed point is marginal (e.g. ``sigma_b = 0``
-    with ``sigma_w^2 phi'(0)^2 = 1``, where ``q`` decays like ``1/l``, or ``chi_1`` just
-    above 1): there the result is only as close to the fixed point as ``iterations`` layers
-    of a network get.
+    Convergence of ``c*`` is geometric except where ``chi_1`` is just above 1: there the
+    result is only as close to the fixed point as ``iterations`` layers of a network get.
     """
+    return MeanField(*_mean_field(activation, sigma_w, sigma_b, int(iterations)))
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _mean_field(activation: str, sigma_w, sigma_b, iterations: int):
     _, d1, d2 = _derivatives(activation)
     phi = get_activation(activation)
-    q = _q_star(activation, sigma_w, sigma_b, iterations)
+    q_found = _fixed_length(activation, sigma_w, sigma_b)
+    edge = ~_interior(q_found)
+    q = jnp.where(edge, 1.0, q_found)  # the interior formulas, kept finite at the edges
     chi_1 = sigma_w**2 * _expect(lambda u: d1(u) ** 2, q, activation)
-    ordered = chi_1 <= 1 + 1e-12
-    c = jnp.where(ordered, 1.0, _c_star(activation, q, sigma_w, sigma_b, iterations))
+    ordered = chi_1 <= 1 + MARGINAL
+    # the correlation map is the identity: slope 1 at c = 1 and K(0) = 0, where K(0) =
+    # (sigma_w^2 E[phi(u)]^2 + sigma_b^2) / q* (u_1, u_2 independent at c = 0)
+    k0 = sigma_w**2 * _expect(phi, q, activation) ** 2 + sigma_b**2
+    identity = (jnp.abs(chi_1 - 1) <= MARGINAL) & (k0 <= MARGINAL * q)
+    chaotic = ~ordered & ~edge
+    c = jax.lax.cond(  # iterate the correlation map only where it is needed
+        jnp.any(chaotic),
+        lambda: jnp.where(chaotic, _c_star(activation, q, sigma_w, sigma_b, iterations), 1.0),
+        lambda: jnp.ones_like(q),
+    )
+    c = jnp.where(identity, jnp.nan, c)
     slope_q = chi_1 + sigma_w**2 * _expect(lambda u: d2(u) * phi(u), q, activation)
-    slope_c = jnp.where(ordered, chi_1, sigma_w**2 * _expect2(d1, d1, q, c, activation))
-    return MeanField(q, c, chi_1, _depth_scale(slope_q), _depth_scale(slope_c))
+    slope_c = jnp.where(
+        ordered, chi_1, sigma_w**2 * _expect2(d1, d1, q, jnp.where(identity, 1.0, c), activation)
+    )
+    # the limits q* = 0, inf: a positively homogeneous phi of slopes a, b
+    a, b = _slopes(activation, q_found)
+    rho = sigma_w**2 * (a**2 + b**2) / 2
+    c_edge = jnp.where(jnp.abs(a - b) > 0, 1.0, jnp.nan)
+    xi_q_edge = _depth_scale(jnp.where(q_found == 0, rho, 1 / jnp.where(rho > 0, rho, 1.0)))
+    return (
+        q_found,
+        jnp.where(edge, c_edge, c),
+        jnp.where(edge, rho, chi_1),
+        jnp.where(edge, xi_q_edge, _depth_scale(slope_q)),
+        jnp.where(edge, jnp.inf, _depth_scale(slope_c)),
+        jnp.where(edge, rho, 1.0),
+    )
 
 
 def _depth_scale(slope: jax.Array) -> jax.Array:
-    """``-1 / ln|slope|``; infinite for a marginal map (slope 1 up to rounding)."""
+    """``-1 / ln|slope|``; infinite for a marginal map (slope 1 up to :data:`MARGINAL`)."""
     slope = jnp.abs(slope)
-    return jnp.where(jnp.abs(slope - 1) < 1e-12, jnp.inf, -1 / jnp.log(slope))
+    return jnp.where(jnp.abs(slope - 1) < MARGINAL, jnp.inf, -1 / jnp.log(slope))
 
 
 @_float64
 def chi(activation: str, q, sigma_w):
     """``sigma_w^2 E[phi'(sqrt(q) z)^2]``: the mean squared singular value of a layer's
-    Jacobian ``D W`` when its pre-activations have variance ``q`` (``chi_1`` at ``q*``)."""
+    Jacobian ``D W`` when its pre-activations have variance ``q`` (``chi_1`` at ``q*``; at
+    ``q = 0`` or ``inf`` the limit, ``sigma_w^2 (phi'(0+)^2 + phi'(0-)^2) / 2`` or the same
+    at infinity: ``sigma_w^2 / 2`` for ReLU at every ``q``)."""
     _, d1, _ = _derivatives(activation)
     return sigma_w**2 * _expect(lambda u: d1(u) ** 2, q, activation)
 
@@ -256,7 +535,8 @@ def chi(activation: str, q, sigma_w):
 @_float64
 def derivative_moments(activation: str, q):
     """``(mu_1, mu_2) = (E[phi'(u)^2], E[phi'(u)^4])`` for ``u ~ N(0, q)``: the first two
-    moments of the squared activation derivatives, ``D^2`` in a layer's Jacobian ``D W``."""
+    moments of the squared activation derivatives, ``D^2`` in a layer's Jacobian ``D W``
+    (limits at ``q = 0`` and ``inf``)."""
     _, d1, _ = _derivatives(activation)
     return _expect(lambda u: d1(u) ** 2, q, activation), _expect(
         lambda u: d1(u) ** 4, q, activation
@@ -267,25 +547,39 @@ def derivative_moments(activation: str, q):
 def derivative_distribution(activation: str, q):
     """The law of ``phi'(u)^2`` for ``u ~ N(0, q)`` (scalar ``q``) as weighted atoms:
     ``(values, weights)`` with ``E[g(phi'(u)^2)] ~ sum_i weights_i g(values_i)`` for smooth
-    ``g`` (the quadrature rule of this module; weights sum to 1 up to 1e-32)."""
+    ``g`` (the quadrature rule of this module; weights sum to 1 up to 1e-32). At ``q = 0``
+    or ``inf`` the limit law: two atoms of weight 1/2 at the one-sided values."""
     _, d1, _ = _derivatives(activation)
+    if not bool(_interior(q)):
+        u = _edge_point(q)
+        return jnp.stack([d1(u), d1(-u)]) ** 2, jnp.full(2, 0.5)
     s = jnp.sqrt(q)
-    z, w = _pieces(_kinks(activation) / jnp.where(s > 0, s, 1.0))
+    z, w = _pieces(_kinks(activation) / s)
     return d1(s * z) ** 2, w
 
 
 def critical_sigma_w(
     activation: str, sigma_b, *, low: float = 0.05, high: float = 8.0, steps: int = 60
 ) -> np.ndarray:
-    """The critical line: for each ``sigma_b``, the ``sigma_w`` with ``chi_1 = 1``, by
+    """The critical line: for each ``sigma_b``, the ``sigma_w`` with ``chi_1 = 1``.
+
+    For a positively homogeneous activation (:data:`HOMOGENEOUS`) ``chi_1 = sigma_w^2
+    E[phi'(z)^2]`` at every ``q*``, finite or not, so the line is ``sigma_w =
+    E[phi'(z)^2]^(-1/2)`` for every ``sigma_b``: ``sqrt(2)`` for ReLU (with ``sigma_b > 0``
+    the lengths then grow linearly, ``q* = inf``), 1 for a linear network. Otherwise by
     bisection on ``[low, high]`` (``chi_1`` increases with ``sigma_w`` for the activations
-    here). Returns NaN where ``chi_1 - 1`` does not change sign on the interval."""
+    here); NaN where ``chi_1 - 1`` does not change sign on the interval (widen it).
+    """
+    check_arguments(sigma_b=sigma_b)
     sb = np.asarray(sigma_b, np.float64)
+    if activation in HOMOGENEOUS:
+        return np.broadcast_to(1 / np.sqrt(float(chi(activation, 1.0, 1.0))), sb.shape).copy()
     lo = np.full(sb.shape, low)
     hi = np.full(sb.shape, high)
 
     def excess(sigma_w):
-        return chi(activation, _fixed_length(activation, sigma_w, sb), sigma_w) - 1
+        with jax.enable_x64(True):
+            return np.asarray(_chi_1(activation, jnp.asarray(sigma_w), jnp.asarray(sb))) - 1
 
     f_lo, f_hi = excess(lo), excess(hi)
     bracketed = np.sign(f_lo) != np.sign(f_hi)
@@ -308,14 +602,19 @@ def gsc_growth_rate(
     **kwargs,
 ):
     """Predicted growth of the GSC per dense layer, ``GSC(k, 0) ~ r^k``, for a plain MLP in
-    the order linear -> norm -> activation at its fixed point (lengths stationary, so the
-    GSC grows like the qm norm of the Jacobian):
+    the order linear -> norm -> activation at its fixed point:
 
-    * ``norm="none"``: ``r = sqrt(chi_1)`` at ``q*``;
+    * ``norm="none"``: ``r = sqrt(chi_1 / q_ratio)`` (:func:`mean_field`). At a finite
+      nonzero ``q*`` the lengths are stationary (``q_ratio = 1``) and the GSC grows like
+      the qm norm of the Jacobian, ``sqrt(chi_1)``. At ``q* = 0`` or ``inf`` the layer
+      outputs shrink or grow by ``q_ratio`` per layer, which the GSC divides out: since
+      ``q_ratio = chi_1`` there, ``r = 1`` (e.g. ReLU without bias at any ``sigma_w``: a
+      positively homogeneous network's GSC is scale free);
     * ``norm="layer"``: the pre-activations are normalized to variance 1 and the layer norm
       divides by the standard deviation of ``W x + b`` across units,
       ``sqrt(sigma_w^2 E[phi(z)^2] + sigma_b^2)``, so
-      ``r^2 = sigma_w^2 E[phi'(z)^2] / (sigma_w^2 E[phi(z)^2] + sigma_b^2)``, ``z ~ N(0, 1)``;
+      ``r^2 = sigma_w^2 E[phi'(z)^2] / (sigma_w^2 E[phi(z)^2] + sigma_b^2)``, ``z ~ N(0, 1)``
+      (``ValueError`` when ``sigma_w = sigma_b = 0``: every layer output is 0);
     * ``norm="batch"`` with ``batch_size=B`` (an int >= :data:`MIN_BATCH_SIZE`):
       ``r = sqrt(lambda_G(B))``, the batch-norm gradient explosion rate of
       :func:`batchnorm_mean_field` (Yang et al., arXiv 1902.08129). Batch norm removes
@@ -326,14 +625,22 @@ def gsc_growth_rate(
     ``kwargs`` go to :func:`mean_field`. Returns an array of the broadcast shape of
     ``sigma_w`` and ``sigma_b``.
     """
+    check_arguments(sigma_w=sigma_w, sigma_b=sigma_b)
     if norm != "batch" and batch_size is not None:
         raise ValueError(f"batch_size is for norm='batch' only, got norm={norm!r}")
     if norm == "none":
-        return np.sqrt(mean_field(activation, sigma_w, sigma_b, **kwargs).chi_1)
+        m = mean_field(activation, sigma_w, sigma_b, **kwargs)
+        return np.sqrt(m.chi_1 / m.q_ratio)
     if norm == "layer":
         phi_sq = length_map(activation, 1.0, 1.0, 0.0)  # E[phi(z)^2]
         sw2 = np.asarray(sigma_w, np.float64) ** 2
-        return np.sqrt(chi(activation, 1.0, sigma_w) / (sw2 * phi_sq + np.asarray(sigma_b) ** 2))
+        spread = sw2 * phi_sq + np.asarray(sigma_b, np.float64) ** 2
+        if np.any(spread == 0):
+            raise ValueError(
+                "norm='layer' with sigma_w = sigma_b = 0: every pre-activation is 0 and layer "
+                "norm divides 0 by 0; give sigma_w > 0 or sigma_b > 0"
+            )
+        return np.sqrt(chi(activation, 1.0, sigma_w) / spread)
     if norm == "batch":
         if batch_size is None:
             raise ValueError(
@@ -359,13 +666,26 @@ def gsc_profile(activation: str, sigma_w, sigma_b, depth: int, q1=None) -> np.nd
     Args:
         sigma_w, sigma_b, q1: scalars; ``q1`` is the first layer's pre-activation variance,
             default ``sigma_w^2 + sigma_b^2``.
+
+    Raises:
+        ValueError: an argument out of range (:func:`check_arguments`), or lengths beyond
+            float64's range within ``depth`` layers (the ratio ``P_{L-k} / P_L`` is then
+            ``inf / inf``).
     """
     if any(np.ndim(a) for a in (sigma_w, sigma_b, q1)):
         raise ValueError("gsc_profile takes scalar sigma_w, sigma_b and q1")
+    check_arguments(sigma_w=sigma_w, sigma_b=sigma_b, q1=q1)
     q1 = sigma_w**2 + sigma_b**2 if q1 is None else q1
     q = length_sequence(activation, q1, sigma_w, sigma_b, depth)  # q_1 .. q_L
     chis = chi(activation, q, sigma_w)
     P = np.concatenate([[1.0], (length_map(activation, q, 1.0, 0.0))])  # P_0 .. P_L
+    if not np.all(np.isfinite(P) & (P > 0)):
+        bad = int(np.argmax(~(np.isfinite(P) & (P > 0))))
+        raise ValueError(
+            f"gsc_profile: the layer outputs' mean square is {P[bad]} at layer {bad} of "
+            f"{int(depth)}: beyond float64's range (the lengths grow or shrink by a constant "
+            "factor per layer), or zero; use fewer layers (or gsc_growth_rate)"
+        )
     L = int(depth)
     log_chi_from_top = np.concatenate([[0.0], np.cumsum(np.log(chis[::-1]))])  # k = 0 .. L
     k = np.arange(L + 1)
@@ -686,6 +1006,7 @@ def residual_gsc_profile(
     default the identity.
     """
     get_activation(activation)
+    check_arguments(sigma_w=sigma_w, sigma_b=sigma_b, residual_scale=residual_scale)
     nb = int(num_blocks)
     if nb < 1 or int(block_layers) < 1:
         raise ValueError(

@@ -31,6 +31,7 @@ measures networks without a loss, so its ``f_0`` is the prediction layer.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -386,6 +387,29 @@ def validate(net: Network, initializers: tuple[str, ...] = INITIALIZERS, positiv
         raise ValueError(f"block_order must be 'pre' or 'post', got {net.block_order!r}")
     if net.dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {net.dtype!r}")
+    check_scales(net)
+
+
+def check_scales(net) -> None:
+    """Raise ``ValueError`` naming the first of ``sigma_w``, ``sigma_b`` (finite, >= 0),
+    ``residual_scale`` (finite) and ``norm_eps`` (finite, >= 0) of ``net`` that is out of
+    range: a NaN scale would give NaN weights and a NaN GSC only at measurement time."""
+    rules = (
+        ("sigma_w", 0.0, "a finite standard deviation scale >= 0"),
+        ("sigma_b", 0.0, "a finite standard deviation >= 0"),
+        ("residual_scale", None, "a finite number"),
+        ("norm_eps", 0.0, "a finite number >= 0 (added to the variance before the root)"),
+    )
+    for name, low, want in rules:
+        if not hasattr(net, name):
+            continue
+        value = getattr(net, name)
+        try:
+            ok = math.isfinite(value) and (low is None or value >= low)
+        except TypeError:
+            ok = False
+        if not ok or isinstance(value, bool):
+            raise ValueError(f"{name} must be {want}, got {value!r}")
 
 
 def residual_fields(fn: str, fields: dict, width: str) -> dict:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln, logsumexp
 
+from jacobian_lab.checks import check_key
 from jacobian_lab.driver import (
     check_finite,
     check_values,
@@ -218,7 +219,7 @@ def path_gradients(
         sum over all ``2^n`` paths.
     """
     require_blocks(net)
-    out, ok = _path_gradients(net, params, prepare(net, params, x), key, num_paths)
+    out, ok = _path_gradients(net, params, prepare(net, params, x), check_key(key), num_paths)
     check_finite(ok, net)
     if not bool(jnp.all(jnp.isfinite(out.exact) & jnp.isfinite(out.per_path))):
         check_values(out.exact, "the gradient summed over paths of one length")

@@ -21,6 +21,7 @@ import numpy as np
 from scipy.special import comb
 
 from jacobian_lab.meanfield import (
+    check_arguments,
     derivative_distribution,
     derivative_moments,
     length_sequence,
@@ -114,6 +115,7 @@ def jacobian_moments(
         ``(mean, variance)``, each of shape ``(depth,)``, entry ``D - 1`` for depth ``D``.
     """
     _check(depth, weights)
+    check_arguments(sigma_w=sigma_w, sigma_b=sigma_b, q1=q1)
     q1 = sigma_w**2 + sigma_b**2 if q1 is None else q1
     q = length_sequence(activation, q1, sigma_w, sigma_b, depth)
     mu1, mu2 = derivative_moments(activation, q)
@@ -161,6 +163,7 @@ def jacobian_spectral_density(
         :func:`jacobian_moments`.
     """
     _check(depth, weights)
+    check_arguments(sigma_w=sigma_w, sigma_b=sigma_b, q=q)
     x = np.asarray(x, np.float64)
     if x.size == 0 or not np.all(np.isfinite(x)) or np.any(x <= 0):
         raise ValueError("jacobian_spectral_density takes finite points x > 0")

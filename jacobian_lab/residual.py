@@ -24,6 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jacobian_lab.checks import check_key
 from jacobian_lab.driver import (
     Record,
     check_finite,
@@ -100,7 +101,13 @@ def _sq(a: jax.Array) -> jax.Array:
     return jnp.sum(a**2, axis=-1)
 
 
-@over_trace(jac=False, blocks=True)
+_MEM_PYTHAGOREAN = (
+    "pythagorean_decomposition keeps every block's input, skip and branch for every sample and",
+    "pass fewer samples per call",
+)
+
+
+@over_trace(jac=False, blocks=True, memory=_MEM_PYTHAGOREAN)
 def _pythagorean(model: Model, tr):
     terms = []
     for r in _blocks(tr):
@@ -186,7 +193,13 @@ def backward_ratios(jacs: list, g: jax.Array) -> jax.Array:
     return scan_down(step, g / norm(g), jacs)
 
 
-@over_trace(jac=True)
+_MEM_BLOCK_STATS = (
+    "block_jacobian_stats keeps every layer's Jacobian for every sample and",
+    "pass fewer samples per call",
+)
+
+
+@over_trace(jac=True, memory=_MEM_BLOCK_STATS)
 def _block_stats(model: Model, tr, key):
     idx = block_layers(model, tr)
     jacs = [r.jac for r in tr.records]
@@ -220,7 +233,7 @@ def block_jacobian_stats(net: Model, params: Params, x, key: jax.Array) -> Block
         :class:`BlockJacobianStats`; the block axis follows ``net.block_outputs`` (or the
         square layers, nearest the output first).
     """
-    stats, ok = _block_stats(net, params, prepare(net, params, x), key)
+    stats, ok = _block_stats(net, params, prepare(net, params, x), check_key(key))
     check_finite(ok, net)
     return stats
 
@@ -272,7 +285,14 @@ def warn_post_blocks(model: Model, what: str) -> None:
         )
 
 
-@over_trace(jac=True, blocks=True)
+_MEM_BLOCK_GSC = (
+    "block_gsc keeps every block's Jacobian, skip and branch Jacobians for every sample and",
+    "pass fewer samples per call; gsc(..., method='matrix_free') gives the GSC across the "
+    "blocks without Jacobians",
+)
+
+
+@over_trace(jac=True, blocks=True, memory=_MEM_BLOCK_GSC)
 def _block_gsc(model: Model, tr):
     fields = []
     for r in _blocks(tr):

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jacobian_lab.checks import check_compiled_memory, is_traced
+
 
 def device_mesh(devices: Sequence[jax.Device] | None = None, axis: str = "sweep") -> Mesh:
     """A 1-D mesh over ``devices`` (default: this process's local devices)."""
@@ -73,5 +75,13 @@ def map_over_devices(
         )
     spec = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
     xs = jax.device_put(xs, spec)
-    out = jax.jit(jax.vmap(fn), out_shardings=spec)(xs)
+    program = jax.jit(jax.vmap(fn), out_shardings=spec)
+    if not any(is_traced(v) for v in jax.tree_util.tree_leaves(xs)):
+        check_compiled_memory(  # compiled first (cached), refused before allocating
+            program.lower(xs).compile(),
+            f"map_over_devices over {n} slices on {k} device(s)",
+            "use fewer slices (seeds) per call or more devices; for the GSC, "
+            "method='matrix_free' keeps no Jacobian",
+        )
+    out = program(xs)
     return jax.tree_util.tree_map(lambda v: v[:n], out) if padded != n else out

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jacobian_lab.checks import is_traced
+from jacobian_lab.checks import is_traced, memory_checked
 from jacobian_lab.jacobians import flat_size, jacobian
 from jacobian_lab.layered import input_to_layer_jacobians
 from jacobian_lab.matrix_free import (
@@ -36,6 +36,15 @@ def singular_values(J: jax.Array) -> jax.Array:
     """
     if J.ndim < 2:
         raise ValueError(f"singular_values needs a matrix (..., m, n), got shape {J.shape}")
+    return _svd_values(J)
+
+
+@memory_checked(
+    "the SVD of the Jacobians (the matrices and LAPACK's workspace)",
+    "use jacobian_spectrum(fn, x, method='matrix_free') (Lanczos: the spectral measure and "
+    "the extreme singular values without the matrix), or fewer matrices per call",
+)
+def _svd_values(J: jax.Array) -> jax.Array:
     return jnp.linalg.svd(J, compute_uv=False)
 
 
@@ -104,6 +113,14 @@ def spectral_density(
         bandwidth) to 1 within ``1e-6`` by the trapezoid rule on a ``grid`` that covers
         the values by 5 kernel widths.
     """
+    s = jnp.asarray(s)
+    if s.size == 0:
+        raise ValueError(
+            f"s holds no singular values (shape {s.shape}): the density of an empty sample is "
+            "undefined; pass the output of singular_values on a non-empty Jacobian"
+        )
+    if not is_traced(s) and not bool(jnp.all(jnp.isfinite(s))):
+        raise ValueError("s holds inf or NaN: a density of failed measurements is undefined")
     return _kernel_density(jnp.ravel(s**2 if squared else s), None, grid, bandwidth)
 
 
@@ -201,14 +218,22 @@ class Spectrum(NamedTuple):
 
     @property
     def condition_number(self) -> jax.Array:
-        """``s_1 / s_min`` (point values)."""
-        return self.largest.value / self.smallest.value
+        """``s_1 / s_min`` (point values); ``inf`` where ``s_min = 0`` (also for a zero
+        Jacobian, where the ratio would be 0/0)."""
+        s_min = jnp.asarray(self.smallest.value)
+        positive = s_min > 0
+        return jnp.where(positive, self.largest.value / jnp.where(positive, s_min, 1), jnp.inf)
 
     def cdf(self, t: jax.Array) -> jax.Array:
-        """Fraction of the ``n`` eigenvalues of ``J^T J`` at most ``t`` (any shape)."""
+        """Fraction of the ``n`` eigenvalues of ``J^T J`` at most ``t`` (any shape). NaN
+        where ``t`` is NaN, and everywhere if a node or weight is NaN: a failed measurement
+        is never counted as a probability."""
         t = jnp.asarray(t)
         below = self.nodes[None] <= t.reshape(-1, 1, 1)
-        return (jnp.sum(below * self.weights, axis=(1, 2)) / self.nodes.shape[0]).reshape(t.shape)
+        value = jnp.sum(below * self.weights, axis=(1, 2)) / self.nodes.shape[0]
+        broken = jnp.any(jnp.isnan(self.nodes) | jnp.isnan(self.weights))
+        value = jnp.where(broken | jnp.isnan(t.reshape(-1)), jnp.nan, value)
+        return value.reshape(t.shape)
 
     def moment(self, j: int) -> jax.Array:
         """``(1/n) tr (J^T J)^j``; SLQ with ``k`` steps is exact for ``j < 2k`` up to the

@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jacobian_lab.checks import is_traced
-from jacobian_lab.datasets import Dataset
+from jacobian_lab.checks import check_key, check_memory, is_traced
+from jacobian_lab.datasets import Dataset, check_dataset_arrays
 from jacobian_lab.driver import compute_dtype
 from jacobian_lab.gsc import gsc
 from jacobian_lab.model import Model, Params, Repeat, apply_unit, forward, units_of, walk
@@ -135,9 +135,13 @@ def _tree_norm(tree) -> jax.Array:
 
 
 def check_data(model: Model, data: Dataset, batch_size: int | None) -> None:
-    """Raise ``ValueError`` when ``data`` does not fit ``model`` or ``batch_size``."""
+    """Raise ``ValueError`` when ``data`` is not a valid data set (the checks of
+    :func:`~jacobian_lab.load_npz`, :func:`~jacobian_lab.datasets.check_dataset_arrays`:
+    finite inputs, integer labels in ``0 .. num_classes - 1``, one per input, non-empty
+    splits) or does not fit ``model`` or ``batch_size``."""
     if not isinstance(data, Dataset):
         raise TypeError(f"data must be a jacobian_lab.Dataset, got {type(data).__name__}")
+    check_dataset_arrays(*data[:4], data.num_classes, where=f"data ({data.name or 'Dataset'})")
     shape = getattr(model, "example_shape", None)
     if shape is not None and tuple(data.feature_shape) != tuple(shape):
         raise ValueError(
@@ -150,6 +154,39 @@ def check_data(model: Model, data: Dataset, batch_size: int | None) -> None:
         raise ValueError(f"batch_size must be in 1 .. {n} (training examples), got {batch_size}")
     if model.batch_coupled and batch_size is not None and batch_size < 2:
         raise ValueError("a batch-norm model needs batch_size >= 2")
+
+
+def check_trainable(params: Params) -> None:
+    """Raise ``TypeError`` naming the first params leaf that is not a float array: training
+    differentiates every leaf (``jax.grad`` refuses integers)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            name = "params" + jax.tree_util.keystr(path)
+            raise TypeError(
+                f"{name} is {dtype if dtype is not None else type(leaf).__name__}, but train "
+                "differentiates every leaf of params and needs floats: cast it (e.g. "
+                f"jax.tree.map(lambda a: a.astype(jnp.float32), params)) or keep integer "
+                "state out of params"
+            )
+
+
+def check_head(model: Model, params: Params, data: Dataset, runs: int) -> None:
+    """Raise ``MemoryError`` before training when the readout head (``d_0 x num_classes``
+    weights per run, and the optimizer's two copies) cannot fit in the device's memory."""
+    one = jax.tree_util.tree_map(lambda a: a[0], params)
+    sample = jnp.zeros((1, *data.feature_shape), compute_dtype(model) or jnp.float32)
+    try:
+        d0 = int(np.prod(jax.eval_shape(lambda v: model_outputs(model, one, v), sample).shape[1:]))
+    except Exception:  # noqa: BLE001 - a model that does not run says so in training
+        return
+    count = 3 * runs * (d0 + 1) * int(data.num_classes)
+    check_memory(
+        4 * count,
+        f"the readout head ({d0} x {data.num_classes} weights per run, with the optimizer's "
+        f"state: {count:.3g} numbers) needs",
+        "check num_classes and the labels (they must number the classes 0 .. C-1)",
+    )
 
 
 def record_steps(steps: int, record_at=None) -> tuple[int, ...]:
@@ -200,7 +237,7 @@ def train(
         model,
         jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], params),
         data,
-        keys=jnp.asarray(key)[None],
+        keys=jnp.asarray(check_key(key))[None],
         learning_rates=[learning_rate],
         optimizer=optimizer,
         steps=steps,
@@ -254,6 +291,8 @@ def train_runs(
     if not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     check_data(model, data, batch_size)
+    check_trainable(params)
+    check_head(model, params, data, runs)
     keys = jnp.asarray(keys)
     leads = {int(a.shape[0]) for a in jax.tree_util.tree_leaves(params)}
     if leads != {runs} or keys.shape[0] != runs:

@@ -71,7 +71,7 @@ from jacobian_lab.activations import get_activation
 from jacobian_lab.checks import check_memory
 from jacobian_lab.initializers import weight_matrix
 from jacobian_lab.model import Block, Layer, Model, Params, Repeat, apply_batch
-from jacobian_lab.networks import normalize
+from jacobian_lab.networks import check_scales, normalize
 
 TRANSFORMER_NORMS = ("pre", "post", "none")
 
@@ -302,6 +302,7 @@ def _validate(m: Transformer) -> None:
         )
     if m.dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {m.dtype!r}")
+    check_scales(m)
 
 
 def transformer(

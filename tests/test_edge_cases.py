@@ -2,6 +2,8 @@
 naming the layer and the cause, or an error naming the argument and the fix; never a
 silent 0 or NaN."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -212,6 +214,77 @@ def test_a_network_too_large_for_the_machine_is_refused_before_allocating(key):
         net.init(key)
 
 
+def test_every_dense_path_checks_its_memory_before_allocating(key, monkeypatch):
+    """Issue 21: every dense path (not only init and layer_to_layer_jacobians) asks XLA's
+    memory analysis of its compiled program first and raises MemoryError with the sizes and
+    the matrix-free alternative, before anything is allocated. Here the device is said to
+    hold 0.5 MiB: the dense programs need 1.4 MiB and more, the matrix-free GSC 0.2 (the
+    matrix-free spectra are checked against dense in test_krylov.py)."""
+    net = jl.mlp(3, 96, "tanh", in_dim=256)
+    res = jl.resmlp(2, 96, "tanh", in_dim=256)
+    params, rparams, x = net.init(key), res.init(key), _x(6, 256)
+    keys = jax.random.split(key, 2)
+
+    def batch(v):
+        return net.apply(params, v)
+
+    monkeypatch.setattr("jacobian_lab.checks.available_memory", lambda: 2**19)
+    sizes = r"needs [\d.e-]+ GiB \([\d.e-]+ GiB of workspace and [\d.e-]+ GiB of results"
+    refused = [  # (what the message names, the fix it gives, the call)
+        (
+            "gsc(method='dense')",
+            "method='matrix_free'",
+            lambda: jl.gsc(net, params, x, method="dense"),
+        ),
+        (
+            "gradient_norm(method='dense')",
+            "gradient_norm(..., method='matrix_free')",
+            lambda: jl.gradient_norm(net, params, x, method="dense"),
+        ),
+        ("gsc_matrix", "method='matrix_free'", lambda: jl.gsc_matrix(net, params, x)),
+        (
+            "input_to_layer_jacobians",
+            "method='matrix_free'",
+            lambda: jl.input_to_layer_jacobians(net, params, x),
+        ),
+        ("block_gsc", "method='matrix_free'", lambda: jl.block_gsc(res, rparams, x)),
+        ("dilution", "fit='lstsq'", lambda: jl.dilution(res, rparams, x)),
+        (
+            "the 576 x 1536 Jacobian",
+            "method='matrix_free'",
+            lambda: jl.jacobian(batch, x),
+        ),
+        (
+            "the 576 x 1536 Jacobian",
+            "method='matrix_free'",
+            lambda: jl.jacobian_spectrum(batch, x, method="dense"),
+        ),
+        (
+            "map_over_devices over 2 slices",
+            "method='matrix_free'",
+            lambda: jl.gsc_over_seeds(net, keys, x, method="dense"),
+        ),
+    ]
+    for what, fix, call in refused:
+        match = f"(?s){re.escape(what)}.*{sizes}.*more than the 0.000488 GiB.*{re.escape(fix)}"
+        with pytest.raises(MemoryError, match=match):
+            call()
+    # the matrix-free alternatives named in the messages fit
+    assert jl.gsc(net, params, x, method="matrix_free", num_probes=8).shape == (6, 4)
+    assert jl.gradient_norm(net, params, x, method="matrix_free", num_probes=8).shape == (6, 4)
+
+
+def test_matrix_free_gradient_norm_is_exact_for_an_orthogonal_network(key):
+    """Hutchinson on ||J_k^0||_F^2: for orthogonal J every probe gives ||J^T u||^2 = ||u||^2
+    exactly, so the matrix-free gradient norm equals the dense one to rounding (float64)."""
+    net = jl.mlp(5, 16, "linear", weight_init="orthogonal", dtype="float64")
+    params, x = net.init(key), _x(3, 16, jnp.float64)
+    dense = jl.gradient_norm(net, params, x, method="dense")
+    free = jl.gradient_norm(net, params, x, method="matrix_free", num_probes=4, key=key)
+    np.testing.assert_allclose(free, dense, rtol=1e-12)
+    np.testing.assert_allclose(dense, 1.0, rtol=1e-12)
+
+
 def test_matrix_free_gsc_and_path_gradients_survive_large_activations(key):
     """The probe pass rescales the backpropagated vector at every layer, and the path sums
     are rescaled at every block: float32 gives the float64 numbers where those are
@@ -240,3 +313,117 @@ def test_inputs_captured_by_a_callers_jit_are_checked_not_staged(key):
     np.testing.assert_allclose(
         jitted(params), jl.gsc_estimate(net, params, x, key=key, num_probes=4).value, rtol=1e-6
     )
+
+
+# -- 12. inputs and hyper-parameters (issue 21) ----------------------------------------------
+
+
+def test_non_finite_params_are_refused_naming_the_entry(key):
+    """An inf bias in a tanh layer saturates it and the GSC came back finite; every
+    diagnostic now refuses non-finite params, naming the entry."""
+    net = jl.mlp(3, 8, "tanh")
+    params = net.init(key)
+    bad = {**params, "stem": {**params["stem"], "b": params["stem"]["b"].at[0].set(jnp.inf)}}
+    match = r"params\['stem'\]\['b'\] holds inf or NaN \(1 of 8 entries\)"
+    with pytest.raises(ValueError, match=match):
+        jl.gsc(net, bad, _x(2, 8))
+    with pytest.raises(ValueError, match=match):
+        jl.gsc_estimate(net, bad, _x(2, 8), key, 4)
+
+
+def test_inputs_near_the_denormal_range_are_refused_not_silently_shifted(key):
+    """Inputs of 1e-36 in float32 put the first layer's products where XLA flushes to zero:
+    the GSC of a (scale-free) ReLU network moved by 8.5%, and denormal inputs read as
+    "exactly zero". Both are refused naming x and the fix; in float64 the same inputs are
+    far from its denormals and give the unscaled GSC to rounding."""
+    net = jl.mlp(6, 16, "relu", sigma_w=2**0.5)
+    params, x = net.init(key), np.asarray(_x(2, 16))
+    for scale in (1e-36, 1e-40):  # near the range, and denormal
+        tiny = (scale * x).astype(np.float32)
+        assert 0 < np.abs(tiny).max() < 1e-30
+        with pytest.raises(ValueError, match=r"x\[0\] has largest magnitude .* Rescale x"):
+            jl.gsc(net, params, tiny)
+    net64 = jl.mlp(6, 16, "relu", sigma_w=2**0.5, dtype="float64")
+    p64, x64 = net64.init(key), jnp.asarray(x, jnp.float64)
+    np.testing.assert_allclose(jl.gsc(net64, p64, 1e-36 * x64), jl.gsc(net64, p64, x64), rtol=1e-12)
+
+
+def test_a_gsc_below_the_dtype_range_is_reported_as_such_and_kept_in_logs():
+    """20 layers h -> 1e-3 h + 1: every Jacobian is 1e-3 I and the lengths stay near 1, so
+    GSC(20, 0) ~ 1e-60, no float32 number. Before: 0 with a warning blaming a layer's
+    Jacobian. Now: a warning that the value is below float32's range (no layer is zero),
+    and log=True gives the float64 value's logarithm to float32 rounding (the log, about
+    -138, is a sum over 20 layers: 1e-6 relative)."""
+
+    def make(dtype):
+        layer = (lambda p, h: p * h + 1.0, jnp.asarray(1e-3, dtype))
+        return jl.chain([layer] * 20), jnp.ones((2, 4), dtype)
+
+    (ch, params), x = make(jnp.float32)
+    with pytest.warns(UnderflowWarning, match=r"GSC\(\d+, 0\) is about 1e-\d+, below the smallest"):
+        g = jl.gsc(ch, params, x)
+    assert float(g[0, -1]) == 0.0
+    (ch64, params64), x64 = make(jnp.float64)
+    exact = jnp.log(jl.gsc(ch64, params64, x64))
+    assert float(exact[0, -1]) == pytest.approx(np.log(1e-60 / (1 / (1 - 1e-3))), rel=1e-9)
+    np.testing.assert_allclose(jl.gsc(ch, params, x, log=True), exact, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: jl.mlp(2, 4, "tanh", sigma_w=float("nan")), "sigma_w must be a finite"),
+        (lambda: jl.mlp(2, 4, "tanh", sigma_b=-1.0), "sigma_b must be a finite"),
+        (lambda: jl.resmlp(2, 4, "tanh", residual_scale=np.nan), "residual_scale must be"),
+        (lambda: jl.transformer(1, 8, 2, 4, residual_scale=np.inf), "residual_scale must be"),
+        (
+            lambda: jl.Network(depth=2, width=4, activation="tanh", norm="layer", norm_eps=-1.0),
+            "norm_eps must be a finite number >= 0",
+        ),
+        (lambda: jl.architecture("resnet-relu", depth=5), r"depth must be even; got 5"),
+        (lambda: jl.paper_architectures(depth=5), r"depth must be even; got 5"),
+    ],
+    ids=[
+        "nan-sigma_w",
+        "negative-sigma_b",
+        "nan-residual",
+        "inf-transformer",
+        "norm_eps",
+        "resnet-depth-5",
+        "paper-depth-5",
+    ],  # fmt: skip
+)
+def test_bad_hyper_parameters_are_refused_at_construction(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_an_odd_depth_still_builds_a_plain_family():
+    assert jl.architecture("relu", depth=5).depth == 5
+    assert jl.architecture("resnet-relu", depth=6).num_blocks == 3
+
+
+def test_bad_keys_inputs_and_samples_get_errors_naming_the_argument(key):
+    net = jl.mlp(3, 8, "tanh")
+    params, x = net.init(key), _x(2, 8)
+
+    def fn(v):
+        return jnp.tanh(v)
+
+    with pytest.raises(TypeError, match=r"key must be one PRNG key, got the int 3: .*PRNGKey\(3\)"):
+        jl.gsc_estimate(net, params, x, 3, 4)
+    with pytest.raises(TypeError, match=r"key must be one PRNG key.*shape \(2, 2\)"):
+        jl.extreme_singular_values(fn, jnp.ones(4), jax.random.split(key, 2))
+    with pytest.raises(ValueError, match="keys holds no seeds"):
+        jl.gsc_over_seeds(net, jax.random.split(key, 0), x)
+    with pytest.raises(TypeError, match=r"x must be an array .* for this Network, .*got dict"):
+        jl.gsc(net, params, {"a": x})
+    for call in (
+        lambda v: jl.frobenius_norm_sq(fn, v, key, 4),
+        lambda v: jl.slq_spectrum(fn, v, key),
+        lambda v: jl.jacobian(fn, v),
+    ):
+        with pytest.raises(TypeError, match=r"x must hold real floating-point numbers.*int32"):
+            call(jnp.ones(4, jnp.int32))
+    with pytest.raises(ValueError, match=r"s holds no singular values \(shape \(0,\)\)"):
+        jl.spectral_density(jnp.zeros((0,)), jnp.linspace(0, 1, 5))

@@ -1,9 +1,12 @@
 """Mean-field maps against closed forms. Quadrature is float64 Gauss-Legendre split at
 kinks, so agreement is to about 1e-12."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jacobian_lab as jl
 from jacobian_lab import meanfield as mf
 
 
@@ -126,8 +129,6 @@ def test_batchnorm_linear_network_rate_is_b_minus_2_over_b_minus_3():
 def _monte_carlo_backward_map(activation, B, n, seed=0):
     """The whole batch-norm backward map T on B x B matrices by Monte Carlo over batches of
     normalized pre-activations (float64), as a (B^2, B^2) matrix, and the centred variance."""
-    import jax
-    import jax.numpy as jnp
 
     with jax.enable_x64(True):
         phi = {"relu": jax.nn.relu, "tanh": jnp.tanh}[activation]
@@ -165,7 +166,6 @@ def test_batchnorm_rate_is_the_top_eigenvalue_of_the_monte_carlo_backward_map(ac
 
 
 def test_gsc_growth_rate_batch_norm_and_its_argument_checks():
-    import jacobian_lab as jl
 
     r = jl.gsc_growth_rate("relu", np.sqrt(2), 0.0, "batch", batch_size=64)
     assert float(r) == pytest.approx(np.sqrt(float(mf.relu_batchnorm_lambda_g(64))), rel=1e-10)
@@ -188,9 +188,6 @@ def test_batchnorm_profile_matches_a_measured_batch_norm_mlp():
     GSC): its fitted rate agrees with the fitted rate of the predicted profile within 4
     standard errors over seeds (the finite-width deviation, of order batch / width, was
     below 0.1% here; 1.2610 +- 0.0027 at 30 layers against 1.2609)."""
-    import jax
-
-    import jacobian_lab as jl
 
     B, L, width = 16, 16, 128
     net = jl.mlp(L, width, "relu", norm="batch", sigma_w=np.sqrt(2))
@@ -237,3 +234,135 @@ def test_batch_norm_profile_refuses_inputs_without_spread():
     naming input_gram, not an inf or NaN profile."""
     with pytest.raises(ValueError, match="input_gram has no spread"):
         mf.batchnorm_gsc_profile("relu", 5, 8, input_gram=np.ones((8, 8)))
+
+
+# -- outside a finite nonzero fixed point (issue 21) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "sigma_w, q_star", [(1.0, 0.0), (np.sqrt(2), 1.0), (2.0, np.inf), (3.0, np.inf)]
+)
+def test_relu_without_bias_has_exact_limits_at_every_sigma_w(sigma_w, q_star):
+    """ReLU is positively homogeneous: V(q) = (sigma_w^2 / 2) q, so q* is 0, 1 (the identity
+    map, every q fixed) or inf; chi_1 = q_ratio = sigma_w^2 / 2 at every q; correlations
+    follow the arc-cosine kernel, whose slope at c = 1 is 1 (xi_c = inf); and the GSC
+    divides out the change of length: rate sqrt(chi_1 / q_ratio) = 1."""
+    m = jl.mean_field("relu", sigma_w, 0.0)
+    rho = sigma_w**2 / 2
+    assert float(m.q_star) == q_star
+    assert float(m.chi_1) == pytest.approx(rho, rel=1e-12)
+    assert float(m.q_ratio) == pytest.approx(1.0 if q_star == 1.0 else rho, rel=1e-12)
+    assert float(m.c_star) == 1.0 and np.isinf(m.xi_c)
+    assert float(m.xi_q) == (np.inf if q_star == 1.0 else pytest.approx(1 / abs(np.log(rho))))
+    assert float(jl.gsc_growth_rate("relu", sigma_w, 0.0)) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_measured_relu_gsc_is_scale_free_as_the_theory_says(key):
+    """The network at sigma_w = 2 is the He network (sigma_w = sqrt(2)) times sqrt(2) per
+    layer, so its measured GSC is the same to rounding (float64), as is the predicted rate
+    (1). Before issue 21 the prediction was 0 at sigma_w = 2 (chi_1 read at q* = NaN)."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 32), jnp.float64)
+    he = jl.mlp(8, 32, "relu", sigma_w=np.sqrt(2), dtype="float64")
+    big = jl.mlp(8, 32, "relu", sigma_w=2.0, dtype="float64")
+    g_he, g_big = jl.gsc(he, he.init(key), x), jl.gsc(big, big.init(key), x)
+    np.testing.assert_allclose(g_big, g_he, rtol=1e-10)
+    assert float(jl.gsc_growth_rate("relu", 2.0, 0.0)) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_relu_with_bias_beyond_the_critical_line_has_infinite_q_star():
+    """sigma_w^2 / 2 >= 1 and sigma_b > 0: lengths grow (linearly at sigma_w = sqrt(2)), the
+    bias becomes negligible, and the map acts as ReLU without bias. Below: the closed form
+    q* = sigma_b^2 / (1 - sigma_w^2 / 2)."""
+    m = jl.mean_field("relu", np.array([1.0, np.sqrt(2), 1.5]), 0.5)
+    np.testing.assert_array_equal(m.q_star, [0.25 / 0.5, np.inf, np.inf])
+    np.testing.assert_allclose(m.chi_1, [0.5, 1.0, 1.125], rtol=1e-12)
+    np.testing.assert_allclose(m.q_ratio, [1.0, 1.0, 1.125], rtol=1e-12)
+    assert np.isinf(m.xi_q[1]) and float(m.xi_q[2]) == pytest.approx(1 / np.log(1.125))
+    assert np.all(m.xi_q > 0) and np.all(m.xi_c > 0)  # depth scales are never negative
+
+
+@pytest.mark.parametrize(
+    "act, slope_sq", [("selu", 1.0507009873554805**2 / 2), ("gelu", 0.5), ("swish", 0.5)]
+)
+def test_unbounded_activations_in_the_chaotic_phase_have_infinite_q_star(act, slope_sq):
+    """At sigma_w = 3 the length map grows without bound: for large q these activations act
+    as a ReLU of slope lambda (SELU) or 1 (GELU, swish), so chi_1 = q_ratio = 9 slope^2 / 2,
+    which the length map's own ratio V(q) / q approaches (O(1/q) from the negative side:
+    1e-9 at q = 1e12)."""
+    m = jl.mean_field(act, 3.0, 0.0)
+    assert float(m.q_star) == np.inf and float(m.c_star) == 1.0
+    np.testing.assert_allclose([m.chi_1, m.q_ratio], 9 * slope_sq, rtol=1e-12)
+    ratio = float(mf.length_map(act, 1e12, 3.0, 0.0)) / 1e12
+    assert ratio == pytest.approx(float(m.q_ratio), rel=1e-9)
+    assert float(jl.gsc_growth_rate(act, 3.0, 0.0)) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_lengths_shrinking_to_zero():
+    """tanh, sigma_w = 0.5, sigma_b = 0: q* = 0, where tanh is linear, so chi_1 = q_ratio =
+    sigma_w^2 and xi_q = -1 / ln(sigma_w^2); the correlation map is the identity there
+    (every correlation is kept): c* is undefined, NaN. ReLU at sigma_w = 1: chi_1 = 1/2
+    (not relu'(0) = 0) and c* = 1 (the arc-cosine kernel)."""
+    m = jl.mean_field("tanh", 0.5, 0.0)
+    assert float(m.q_star) == 0.0 and np.isnan(m.c_star) and np.isinf(m.xi_c)
+    np.testing.assert_allclose([m.chi_1, m.q_ratio], 0.25, rtol=1e-12)
+    assert float(m.xi_q) == pytest.approx(-1 / np.log(0.25), rel=1e-12)
+    np.testing.assert_allclose(mf.correlation_map("tanh", [0.2, 0.7], 0.0, 0.5, 0.0), [0.2, 0.7])
+    relu = jl.mean_field("relu", 1.0, 0.0)
+    assert float(relu.chi_1) == pytest.approx(0.5, rel=1e-12) and float(relu.c_star) == 1.0
+
+
+def test_limit_maps_are_the_kernels_of_the_homogeneous_limits():
+    """At q = inf SELU is lambda * ReLU: its correlation map is the arc-cosine kernel, and
+    phi'(u)^2 takes the values lambda^2 and 0 with probability 1/2 each."""
+    c = np.array([-0.9, 0.0, 0.5, 0.99])
+    arc_cos = (np.sqrt(1 - c**2) + (np.pi - np.arccos(c)) * c) / np.pi
+    np.testing.assert_allclose(mf.correlation_map("selu", c, np.inf, 2.0, 0.3), arc_cos)
+    np.testing.assert_allclose(mf.correlation_map("relu", c, np.inf, 2.0, 0.3), arc_cos)
+    values, weights = mf.derivative_distribution("relu", np.inf)
+    np.testing.assert_array_equal(values, [1.0, 0.0])
+    np.testing.assert_array_equal(weights, [0.5, 0.5])
+    np.testing.assert_allclose(mf.chi("selu", np.inf, 1.0), 1.0507009873554805**2 / 2)
+
+
+def test_critical_sigma_w_of_homogeneous_activations_is_closed_form():
+    """chi_1 = sigma_w^2 E[phi'(z)^2] at every q* for ReLU and linear networks: sqrt(2) and
+    1 for every sigma_b (for ReLU with sigma_b > 0 the lengths then grow linearly). tanh at
+    sigma_b = 0: 1, to the bisection's resolution of chi_1 - 1 = O((sigma_w - 1)^2) against
+    the quadrature's 1e-13 (measured 4e-8)."""
+    sb = np.array([0.0, 0.1, 1.0])
+    np.testing.assert_allclose(jl.critical_sigma_w("relu", sb), np.sqrt(2), rtol=1e-15)
+    np.testing.assert_allclose(jl.critical_sigma_w("linear", sb), 1.0, rtol=1e-15)
+    assert float(jl.critical_sigma_w("tanh", 0.0)) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: jl.mean_field("tanh", np.nan, 0.0), r"sigma_w must be finite and >= 0.*nan"),
+        (lambda: jl.mean_field("tanh", -1.0, 0.0), r"sigma_w must be finite and >= 0.*-1.0"),
+        (lambda: jl.mean_field("tanh", [1.0, np.inf], 0.0), r"sigma_w .*entry 1 of 2"),
+        (lambda: jl.mean_field("tanh", 1.0, -0.1), r"sigma_b must be finite and >= 0"),
+        (lambda: jl.gsc_growth_rate("relu", np.nan, 0.0, "layer"), r"sigma_w must be"),
+        (lambda: jl.critical_sigma_w("tanh", np.nan), r"sigma_b must be finite"),
+        (lambda: mf.length_map("tanh", -1.0, 1.0, 0.0), r"q must be >= 0"),
+        (lambda: mf.correlation_map("tanh", 1.5, 1.0, 1.0, 0.0), r"c must be in \[-1, 1\]"),
+        (lambda: mf.gsc_profile("tanh", 1.0, 0.0, 4, q1=np.nan), r"q1 must be >= 0"),
+        (
+            lambda: mf.residual_gsc_profile("relu", 1.0, 0.0, 3, residual_scale=np.nan),
+            r"residual_scale must be finite",
+        ),
+        (lambda: jl.jacobian_moments("relu", np.nan, 0.0, 3), r"sigma_w must be"),
+        (lambda: jl.jacobian_spectral_density("relu", 1.0, np.nan, 3, [1.0]), r"sigma_b must"),
+    ],
+)
+def test_theory_arguments_out_of_range_are_refused_by_name(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_gsc_profile_refuses_lengths_beyond_float64():
+    """ReLU at sigma_w = 4 multiplies the lengths by 8 per layer: past about 340 layers
+    they are no float64 number and the profile's length ratio would be inf / inf."""
+    np.testing.assert_allclose(mf.gsc_profile("relu", 4.0, 0.0, 20), 1.0, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"beyond float64's range"):
+        mf.gsc_profile("relu", 4.0, 0.0, 400)

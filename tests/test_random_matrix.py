@@ -148,3 +148,17 @@ def test_measured_tanh_spectrum_matches_free_probability_by_kolmogorov_smirnov(k
     density = rm.jacobian_spectral_density("tanh", sw, sb, depth, grid, "orthogonal")
     ks = rm.ks_distance(lam, grid, rm.cdf_from_density(grid, density))
     assert ks < 0.04
+
+
+def test_free_probability_of_relu_beyond_he_is_the_he_law_rescaled():
+    """ReLU without bias at sigma_w = 2 has q* = inf (issue 21: the density raised
+    ZeroDivisionError there), but D^2 is Bernoulli(1/2) at every length, so J J^T is the He
+    network's times s = (sigma_w^2 / 2)^L: mean s, density rho_he(x / s) / s. Both sides
+    are solved by the same Newton continuation (1e-13 steps): agreement to 1e-6."""
+    depth, s = 3, (2.0**2 / 2) ** 3
+    x = np.array([0.5, 2.0, 8.0, 20.0])
+    big = rm.jacobian_spectral_density("relu", 2.0, 0.0, depth, x)
+    he = rm.jacobian_spectral_density("relu", np.sqrt(2), 0.0, depth, x / s) / s
+    np.testing.assert_allclose(big, he, rtol=1e-6)
+    mean, _ = rm.jacobian_moments("relu", 2.0, 0.0, depth)
+    np.testing.assert_allclose(mean, 2.0 ** np.arange(1, depth + 1), rtol=1e-12)

@@ -2,6 +2,7 @@
 safe point, exit 130, resume), precision-only ``--dtype float64``, and writing from JAX
 process 0 only."""
 
+import errno
 import json
 import os
 import signal
@@ -36,8 +37,9 @@ def _square(config):
     return {"square": config["i"] ** 2}
 
 
-def _toy(calls, signal_at=None):
-    """A fast analysis whose unit ``signal_at`` presses Ctrl-C (SIGINT) while it runs."""
+def _toy(calls, signal_at=None, needs_square=False):
+    """A fast analysis whose unit ``signal_at`` presses Ctrl-C (SIGINT) while it runs
+    (``needs_square``: its summary reads each result's ``square``)."""
 
     def compute(unit):
         if unit["i"] == signal_at:
@@ -52,7 +54,11 @@ def _toy(calls, signal_at=None):
         sizes={"tiny": {"n": 4, "seeds": 1}, "small": {"n": 4, "seeds": 1}},
         configs=lambda c: [{"i": i} for i in range(c["n"])],
         compute=compute,
-        summarize=lambda c, recs: {"table": [r["result"] for r in recs]},
+        summarize=lambda c, recs: {
+            "table": [
+                {"square": r["result"]["square"]} if needs_square else r["result"] for r in recs
+            ]
+        },
         plot=lambda data, folder, formats: [],
         verdicts=lambda d: [Verdict("non-negative", True, f"{len(d['table'])} squares")],
     )
@@ -200,7 +206,7 @@ def test_sigint_to_the_report_command_exits_130_and_resumes(tmp_path):
     records = out / "gsc_across_depth" / "records.jsonl"
     command = [sys.executable, "-m", "jacobian_lab.experiments.cli", "report", "--size", "tiny"]
     command += ["--analyses", "gsc_across_depth", "--depths", "2", "--widths", "4"]
-    command += ["--seeds", "1", "--batch", "2", "--formats", "png", "--out", str(out)]
+    command += ["--seeds", "1", "--batch", "4", "--formats", "png", "--out", str(out)]
 
     def lines():
         return records.read_text().count("\n") if records.exists() else 0
@@ -258,3 +264,105 @@ def test_only_process_0_writes(tmp_path, monkeypatch):
     write_report(tmp_path / "out", [result])
     list(run_sweep([{"i": 0}], _square, tmp_path / "r.jsonl", log=lambda m: None))
     assert list(tmp_path.iterdir()) == []  # ... but nothing written
+
+
+# -- issue 21: flags checked once for every analysis, records of other versions, full disks,
+# -- memory errors ---------------------------------------------------------------------------
+
+
+def test_duplicate_depths_are_computed_and_counted_once():
+    from jacobian_lab.experiments.gsc_across_depth import ANALYSIS
+    from jacobian_lab.experiments.report import analysis_config
+
+    twice = analysis_config(ANALYSIS, "tiny", depths=(8, 8, 4, 8))
+    assert twice["depths"] == [8, 4]
+    once = analysis_config(ANALYSIS, "tiny", depths=(8, 4))
+    assert ANALYSIS.configs(twice) == ANALYSIS.configs(once)
+
+
+def test_a_batch_below_four_is_refused_by_every_analysis_that_runs_batch_norm(tmp_path, capsys):
+    """One check (report.check_batch_norm) for every analysis, before any work: batch norm
+    over 2 inputs normalizes every unit to +-1, and gsc_across_depth gave such a network a
+    "holds" verdict while normalization alone refused it."""
+    from jacobian_lab.experiments.registry import ANALYSES
+    from jacobian_lab.experiments.report import analysis_config
+
+    refused = []
+    for name, analysis in ANALYSES.items():
+        try:
+            analysis_config(analysis, "small", batch=2)
+        except ValueError as err:
+            assert "need batches of at least 4 inputs" in str(err)
+            refused.append(name)
+    assert {"gsc_across_depth", "normalization", "collapsing_domain", "residual_trick"} <= set(
+        refused
+    )
+    assert "jacobian_spectra" not in refused and "transformers" not in refused
+    argv = ["report", "--size", "tiny", "--analyses", "jacobian_spectra", "gsc_across_depth"]
+    assert cli.main([*argv, "--batch", "2", "--out", str(tmp_path)]) == 2
+    assert "--batch 2: gsc_across_depth runs batch-norm networks" in capsys.readouterr().err
+    assert not (tmp_path / "jacobian_spectra").exists()  # refused before any work
+
+
+def _stamped(i, version, field="square"):
+    return json.dumps(
+        {"config": {"i": i}, "result": {field: i * i}, "seconds": 0.0, "jacobian_lab": version}
+    )
+
+
+def test_records_of_another_version_are_skipped_with_a_warning_not_a_key_error(tmp_path):
+    from jacobian_lab import __version__
+
+    calls, messages = [], []
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    path = folder / "records.jsonl"
+    # line 2: stamped by another version (and with another field): skipped, recomputed
+    path.write_text(_stamped(0, __version__) + "\n" + _stamped(1, "0.0.1", "sq") + "\n")
+    result = run_analysis(_toy(calls), {"n": 2, "seeds": 1}, tmp_path, log=messages.append)
+    assert calls == [1] and result.verdicts[0].holds
+    assert any("line 2 of" in m and "written by jacobian_lab 0.0.1" in m for m in messages)
+    assert json.loads(path.read_text().splitlines()[-1])["jacobian_lab"] == __version__
+    # unstamped records (older files) whose results lack a field this version reads: the
+    # file is set aside and everything recomputed, with a warning
+    path.write_text("\n".join(json.dumps({"config": {"i": i}, "result": {}}) for i in (0, 1)))
+    calls.clear()
+    messages.clear()
+    result = run_analysis(_toy(calls, needs_square=True), {"n": 2, "seeds": 1}, tmp_path,
+                          log=messages.append)  # fmt: skip
+    assert calls == [0, 1] and result.verdicts[0].holds
+    assert any("do not fit this version of toy (KeyError" in m for m in messages)
+    assert len(list(folder.glob("records.stale-*.jsonl"))) == 1
+
+
+def test_a_full_disk_is_reported_with_the_file_name(tmp_path, capsys, monkeypatch):
+    """A full disk fails os.write with ENOSPC and an error that names no file (simulated:
+    every write to a file fails so); the runner adds the file's name, and the command line
+    reports it as its error line."""
+    real_write = os.write
+
+    def full(fd, data):
+        if fd > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(runner.os, "write", full)
+    path = tmp_path / "records.jsonl"
+    with pytest.raises(OSError, match=r"No space left on device.*records\.jsonl"):
+        runner.append_record(path, {"config": {}, "result": {}})
+    assert script_main(_toy([]), ["--size", "tiny", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "toy: error:" in err and "No space left on device" in err
+    assert str(tmp_path / "out" / "toy" / "records.jsonl") in err
+
+
+def test_a_memory_error_is_the_command_lines_error_line(tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("gsc(method='dense') ... needs 26 GiB, more than the 16 GiB")
+
+    monkeypatch.setattr(cli, "_analyses", lambda: {"toy": _toy([])})
+    monkeypatch.setattr(cli, "run_analysis", out_of_memory)
+    assert cli.main(["report", "--size", "tiny", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "jacobian-lab: error: out of memory: gsc(method='dense') ... needs 26 GiB" in err
+    assert "Traceback" not in err

@@ -287,3 +287,80 @@ def test_tied_weights_stay_tied():
     assert not np.allclose(a.params[0], W)  # and trained
     np.testing.assert_allclose(a.params[0], b.params["W"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-5)
+
+
+def _replace(data, **change):
+    return data._replace(**{k: np.asarray(v) for k, v in change.items()})
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (
+            lambda d: _replace(d, y_train=np.where(d.y_train == 0, -1, d.y_train)),
+            ValueError,
+            r"y_train must hold integer class labels 0, 1, \.\.\., got -1 .*wrap",
+        ),
+        (
+            lambda d: _replace(d, y_test=d.y_test + 3),
+            ValueError,
+            r"labels must lie in 0 \.\. num_classes - 1 = 2, but y_test holds 5",
+        ),
+        (
+            lambda d: _replace(d, x_train=d.x_train.at[4, 1].set(np.nan)),
+            ValueError,
+            r"x_train holds inf or NaN \(first in row 4 of 96\)",
+        ),
+        (
+            lambda d: _replace(d, y_train=d.y_train.astype(np.float32)),
+            ValueError,
+            r"y_train must hold integer class labels.*float32",
+        ),
+        (
+            lambda d: _replace(d, x_test=d.x_test[:0], y_test=d.y_test[:0]),
+            ValueError,
+            r"x_test has shape \(0, 8\); expected .* at least one sample",
+        ),
+        (
+            lambda d: _replace(d, y_train=d.y_train[:5]),
+            ValueError,
+            r"y_train has shape \(5,\); expected \(96,\), one label per row of x_train",
+        ),
+    ],
+    ids=["negative", "beyond", "nan", "float", "empty-test", "short"],
+)
+def test_train_checks_a_dataset_as_load_npz_does(toy, change, error, match):
+    """Issue 21: a Dataset built by hand gets the checks of load_npz before any step (it
+    used to wrap negative labels to the last class, warn only "diverged" for labels beyond
+    num_classes or NaN inputs, and end in raw JAX errors for an empty or short split)."""
+    data, net, params = toy
+    data = change(data._replace(x_train=jnp.asarray(data.x_train)))
+    with pytest.raises(error, match=match):
+        jl.train(net, params, data, key=jax.random.PRNGKey(0), steps=1)
+
+
+def test_train_refuses_integer_params_and_an_absurd_readout(toy):
+    data, net, params = toy
+    with pytest.raises(TypeError, match=r"params\['stem'\]\['b'\] is int32.*needs floats"):
+        bad = {**params, "stem": {**params["stem"], "b": jnp.zeros(16, jnp.int32)}}
+        jl.train(net, bad, data, key=jax.random.PRNGKey(0), steps=1)
+    with pytest.raises(MemoryError, match=r"readout head \(16 x 100000000000 weights"):
+        jl.train(net, params, data._replace(num_classes=10**11), key=jax.random.PRNGKey(0))
+
+
+def test_load_npz_keeps_huge_inputs_and_refuses_a_stray_label(tmp_path):
+    """Inputs near 1e300 are finite: standardized they are the inputs at scale 1 (before:
+    std = inf, every input 0). One label of 10^9 among 9 would build a 10^9-class readout."""
+    rng = np.random.default_rng(0)
+    x_train, x_test = rng.normal(size=(6, 3)), rng.normal(size=(3, 3))
+    y = {"y_train": np.array([0, 1, 2, 0, 1, 2]), "y_test": np.array([2, 1, 0])}
+    np.savez(tmp_path / "huge.npz", x_train=1e300 * x_train, x_test=1e300 * x_test, **y)
+    np.savez(tmp_path / "unit.npz", x_train=x_train, x_test=x_test, **y)
+    huge, unit = jl.load_npz(tmp_path / "huge.npz"), jl.load_npz(tmp_path / "unit.npz")
+    np.testing.assert_allclose(huge.x_train, unit.x_train, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(huge.x_test, unit.x_test, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(huge.x_train.std(axis=0), 1.0, rtol=1e-5)
+    stray = {**y, "y_train": np.array([0, 1, 2, 0, 10**9, 2])}
+    np.savez(tmp_path / "stray.npz", x_train=x_train, x_test=x_test, **stray)
+    with pytest.raises(ValueError, match=r"y_train\[4\] = 1000000000 implies 1000000001 classes"):
+        jl.load_npz(tmp_path / "stray.npz")

@@ -13,6 +13,7 @@ from jacobian_lab.experiments.report import (
     add_analysis_arguments,
     analysis_config,
     enable_precision,
+    error_line,
     overrides,
     run_analysis,
     stopped_message,
@@ -113,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0; 2 for a usage or input error;
-    130 after a Ctrl-C, which stops at a safe point and keeps the finished work)."""
+    """Run the command line; returns the exit status (0; 2 for a usage or input error, a
+    numerical error, an unwritable file or a computation that cannot fit in memory, each
+    reported as one line; 130 after a Ctrl-C, which stops at a safe point and keeps the
+    finished work)."""
     args = build_parser().parse_args(argv)
     enable_precision(args)
     if not getattr(args, "no_cache", False):
@@ -123,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"compilation cache: {folder} (--no-cache to turn it off)")
     try:
         return args.func(args)
-    except (ValueError, OSError, FloatingPointError) as err:
-        print(f"jacobian-lab: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, ArithmeticError, MemoryError) as err:
+        print(f"jacobian-lab: error: {error_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -108,8 +108,6 @@ def configs(config: dict) -> list[dict]:
             f"normalization needs even depths >= 2 (a ResNet of depth D has D/2 two-layer "
             f"blocks), got {config['depths']}"
         )
-    if "batch" in config["norms"] and config["batch"] < 4:
-        raise ValueError(f"batch norm needs batch >= 4 inputs per batch, got {config['batch']}")
     common = {k: config[k] for k in ("seeds", "batch", "probes", "dtype")}
     units = []
     for d, w in itertools.product(config["depths"], config["widths"]):

@@ -33,6 +33,7 @@ from jacobian_lab.experiments.runner import (
     prepare_output_dir,
     run_sweep,
     stop_on_interrupt,
+    writing,
 )
 
 SIZES = ("tiny", "small", "paper")
@@ -104,19 +105,50 @@ class AnalysisResult(NamedTuple):
 def analysis_config(analysis: Analysis, size: str = "small", **overrides: Any) -> dict:
     """The config of ``analysis`` at ``size``, with ``overrides`` (those not None) applied
     to the keys the analysis has; other overrides are ignored (not every analysis sweeps
-    widths, say)."""
+    widths, say). A list given twice over (``--depths 2 2``) keeps its first occurrence of
+    each value: a configuration is computed once and counted once in the verdicts.
+    Checked here, before any work, for every analysis: positive depths and widths, seeds
+    >= 1, batch >= 2, and :func:`check_batch_norm`."""
     if size not in analysis.sizes:
         raise ValueError(f"unknown size {size!r}; expected one of {tuple(analysis.sizes)}")
     config = json.loads(json.dumps(analysis.sizes[size]))
     for key, value in overrides.items():
         if value is not None and key in config:
-            config[key] = list(value) if isinstance(value, tuple) else value
+            value = list(value) if isinstance(value, tuple) else value
+            config[key] = list(dict.fromkeys(value)) if isinstance(value, list) else value
     for key in ("depths", "widths"):
         if key in config and any(int(v) < 1 for v in config[key]):
             raise ValueError(f"{key} must be positive integers, got {config[key]}")
     if config.get("seeds", 1) < 1 or config.get("batch", 2) < 2:
         raise ValueError("seeds must be >= 1 and batch >= 2")
+    check_batch_norm(analysis, config)
     return config
+
+
+def uses_batch_norm(unit: dict) -> bool:
+    """Whether a unit config runs a batch-norm network: a zoo architecture with ``batch``
+    among the dash-separated parts of its name, or ``norm="batch"``."""
+    return unit.get("norm") == "batch" or "batch" in str(unit.get("arch", "")).split("-")
+
+
+def check_batch_norm(analysis: Analysis, config: dict) -> None:
+    """Raise ``ValueError`` when a unit of ``analysis`` at ``config`` runs a batch-norm
+    network on batches of fewer than :data:`jacobian_lab.meanfield.MIN_BATCH_SIZE` inputs:
+    its backward pass divides by the batch variance, whose inverse has infinite mean below
+    4 (no mean-field prediction), and a batch of 2 normalizes every unit to +-1 (a
+    degenerate network that used to get a "holds" verdict). The one check for every
+    analysis."""
+    from jacobian_lab.meanfield import MIN_BATCH_SIZE
+
+    for unit in analysis.configs(config):
+        batch = unit.get("batch")
+        if isinstance(batch, int) and batch < MIN_BATCH_SIZE and uses_batch_norm(unit):
+            which = unit.get("arch") or f"norm={unit.get('norm')}"
+            raise ValueError(
+                f"--batch {batch}: {analysis.name} runs batch-norm networks ({which}), which "
+                f"need batches of at least {MIN_BATCH_SIZE} inputs (batch norm divides by the "
+                "batch variance); use --batch 4 or more, or analyses without batch norm"
+            )
 
 
 def jsonable(value: Any) -> Any:
@@ -173,8 +205,25 @@ def run_analysis(
     folder = prepare_output_dir(Path(out) / analysis.name)
     t0 = time.perf_counter()
     units = analysis.configs(config)
-    records = list(run_sweep(units, analysis.compute, folder / "records.jsonl", log=log, stop=stop))
-    data = jsonable(analysis.summarize(config, records))
+    path = folder / "records.jsonl"
+    resumed = path.exists() and path.stat().st_size > 0
+    records = list(run_sweep(units, analysis.compute, path, log=log, stop=stop))
+    try:
+        data = jsonable(analysis.summarize(config, records))
+    except (KeyError, TypeError, IndexError) as err:
+        if not resumed:
+            raise
+        # records reused from the file whose results lack what this version reads (another
+        # version's, without a version stamp): set the file aside and compute afresh
+        stale = path.with_name(f"records.stale-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        if writer:
+            path.rename(stale)
+        log(
+            f"warning: the records in {path} do not fit this version of {analysis.name} "
+            f"({type(err).__name__}: {err}); moved them to {stale.name} and recomputing"
+        )
+        records = list(run_sweep(units, analysis.compute, path, log=log, stop=stop))
+        data = jsonable(analysis.summarize(config, records))
     payload = {"analysis": analysis.name, "config": config, **environment(), "data": data}
     json_path = folder / f"{analysis.name}.json"
     files = [json_path]
@@ -193,10 +242,11 @@ def run_analysis(
             analysis.verdicts(saved),
             time.perf_counter() - t0,
         )
-    json_path.write_text(json.dumps(payload, indent=1))
+    with writing(json_path):
+        json_path.write_text(json.dumps(payload, indent=1))
     if data.get("table"):
         csv_path = folder / f"{analysis.name}.csv"
-        with csv_path.open("w", newline="") as fh:
+        with writing(csv_path), csv_path.open("w", newline="") as fh:
             columns = dict.fromkeys(k for row in data["table"] for k in row)
             writer = csv.DictWriter(fh, fieldnames=list(columns), restval="")
             writer.writeheader()
@@ -204,10 +254,12 @@ def run_analysis(
         files.append(csv_path)
 
     saved = json.loads(json_path.read_text())["data"]  # plot and judge the saved numbers
-    figures = analysis.plot(saved, folder, formats)
+    with writing(folder):  # the figures' file names are in matplotlib's errors
+        figures = analysis.plot(saved, folder, formats)
     verdicts = analysis.verdicts(saved)
     payload["verdicts"] = jsonable([v._asdict() for v in verdicts])
-    json_path.write_text(json.dumps(payload, indent=1))
+    with writing(json_path):
+        json_path.write_text(json.dumps(payload, indent=1))
     seconds = time.perf_counter() - t0
     return AnalysisResult(
         analysis.name,
@@ -300,19 +352,21 @@ def write_report(out: str | Path, results: Sequence[AnalysisResult]) -> list[Pat
             f"<details><summary>config</summary><pre>{html.escape(json.dumps(r.config, indent=1))}"
             f"</pre></details></section>"
         )
-    md_path.write_text("\n".join(md))
-    html_path.write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>jacobian_lab report</title>"
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}"
-        "img{max-width:100%;display:block;margin:1em 0}li.ok{color:#006d4f}"
-        "li.no{color:#a63d00}section{border-top:1px solid #ccc;margin-top:2em}"
-        "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;"
-        "padding:0.2em 0.4em;vertical-align:top}</style>"
-        f"</head><body><h1>jacobian_lab report</h1><p>{html.escape(stamp)}; "
-        f"{html.escape(env_line)}. {held} of {total} verdicts hold.</p>"
-        + "".join(body)
-        + "</body></html>"
-    )
+    with writing(md_path):
+        md_path.write_text("\n".join(md))
+    with writing(html_path):
+        html_path.write_text(
+            "<!doctype html><html><head><meta charset='utf-8'><title>jacobian_lab report</title>"
+            "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}"
+            "img{max-width:100%;display:block;margin:1em 0}li.ok{color:#006d4f}"
+            "li.no{color:#a63d00}section{border-top:1px solid #ccc;margin-top:2em}"
+            "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;"
+            "padding:0.2em 0.4em;vertical-align:top}</style>"
+            f"</head><body><h1>jacobian_lab report</h1><p>{html.escape(stamp)}; "
+            f"{html.escape(env_line)}. {held} of {total} verdicts hold.</p>"
+            + "".join(body)
+            + "</body></html>"
+        )
     return [md_path, html_path]
 
 
@@ -380,6 +434,12 @@ def enable_precision(args: argparse.Namespace) -> None:
         jax.config.update("jax_enable_x64", True)
 
 
+def error_line(err: BaseException) -> str:
+    """The one-line message of an error the command line reports (exit status 2): its text,
+    with its kind where the text alone would not say it (a MemoryError)."""
+    return f"out of memory: {err}" if isinstance(err, MemoryError) else str(err)
+
+
 INTERRUPTED = 130
 """Exit status after a Ctrl-C (128 + SIGINT), as a shell reports for an interrupted command."""
 
@@ -415,8 +475,8 @@ def script_main(analysis: Analysis, argv: Sequence[str] | None = None) -> int:
     except SweepStopped as stopped:
         print(stopped_message(analysis.name, stopped, analysis.name, None), file=sys.stderr)
         return INTERRUPTED
-    except (ValueError, OSError, FloatingPointError) as err:
-        print(f"{analysis.name}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, ArithmeticError, MemoryError) as err:
+        print(f"{analysis.name}: error: {error_line(err)}", file=sys.stderr)
         return 2
     for v in result.verdicts:
         print(v.line)

@@ -6,6 +6,9 @@ appending, then synced, starting on a fresh line if the file ends in a line cut 
 a crash; so an interrupt loses at most the configuration in progress and never damages
 the records before it. On reading, a corrupt line (invalid JSON, or JSON without
 ``"config"`` and ``"result"``) is skipped and reported; its configuration is recomputed.
+Each record carries the version of jacobian_lab that wrote it (``"jacobian_lab"``); a
+record from another version is skipped the same way (its result may have other fields).
+A write that fails (a full disk) raises ``OSError`` naming the file (:func:`writing`).
 A configuration is identified by its JSON-serialised config; re-running the same sweep
 into the same folder reuses every record whose config matches exactly.
 
@@ -62,6 +65,25 @@ def prepare_output_dir(out: str | os.PathLike) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an ``OSError`` raised inside the block without a file name (``os.write`` on
+    a full disk gives ``[Errno 28] No space left on device`` and nothing more) with
+    ``path``, so that the message says which file could not be written."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, f"{err.strerror or err} (while writing)", str(path)) from err
+
+
+def _version() -> str:
+    from jacobian_lab import __version__
+
+    return __version__
+
+
 def _key(config: dict[str, Any]) -> str:
     return json.dumps(config, sort_keys=True)
 
@@ -92,11 +114,18 @@ def load_records(
             )
         else:
             if isinstance(rec, dict) and isinstance(rec.get("config"), dict) and "result" in rec:
-                records[_key(rec["config"])] = rec
-                continue
-            problem = 'JSON without "config" and "result"'
+                written_by = rec.get("jacobian_lab", _version())  # older records have none
+                if written_by == _version():
+                    records[_key(rec["config"])] = rec
+                    continue
+                problem = (
+                    f"written by jacobian_lab {written_by} (this is {_version()}), whose "
+                    "results may have other fields"
+                )
+            else:
+                problem = 'JSON without "config" and "result"'
         log(
-            f"warning: skipping corrupt line {number} of {path}: {problem}; "
+            f"warning: skipping line {number} of {path}: {problem}; "
             "the configuration it held, if any, will be recomputed"
         )
     return records
@@ -108,18 +137,19 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
     the record starts on a fresh line, so the cut line stays the only corrupt one."""
     data = (json.dumps(record) + "\n").encode("utf-8")
     flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
-    fd = os.open(path, flags, 0o644)
-    try:
-        if os.fstat(fd).st_size > 0:
-            os.lseek(fd, -1, os.SEEK_END)
-            if os.read(fd, 1) != b"\n":
-                data = b"\n" + data
-        written = os.write(fd, data)
-        while written < len(data):  # a short write (disk full, signal): finish the line
-            written += os.write(fd, data[written:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with writing(path):
+        fd = os.open(path, flags, 0o644)
+        try:
+            if os.fstat(fd).st_size > 0:
+                os.lseek(fd, -1, os.SEEK_END)
+                if os.read(fd, 1) != b"\n":
+                    data = b"\n" + data
+            written = os.write(fd, data)
+            while written < len(data):  # a short write (disk full, signal): finish the line
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class SweepStopped(Exception):
@@ -197,7 +227,12 @@ def run_sweep(
             log(f"[{finished + 1}/{todo}] {label} ...")
             t0 = time.perf_counter()
             result = compute(config)
-            rec = {"config": config, "result": result, "seconds": time.perf_counter() - t0}
+            rec = {
+                "config": config,
+                "result": result,
+                "seconds": time.perf_counter() - t0,
+                "jacobian_lab": _version(),
+            }
             if is_writer():
                 append_record(path, rec)
             finished += 1
