@@ -558,9 +558,11 @@ class GrowthRate(NamedTuple):
     endpoint_rate: jax.Array
 
 
-def growth_rate(g: jax.Array) -> GrowthRate:
+def growth_rate(g: jax.Array, *, log: bool = False) -> GrowthRate:
     """Per-layer growth rate of a GSC profile ``g`` of shape ``(..., L+1)``, ``g[..., k] =
     GSC(k, 0)`` (as from :func:`gsc`; average over samples first if you want one number).
+    With ``log=True``, ``g`` holds ``log GSC(k, 0)`` (as from ``gsc(..., log=True)``, finite
+    where the GSC is beyond the dtype's range) and the fields are still rates, not logs.
 
     Gradients explode (Definition in Section 3 of arXiv 1712.05577) when the rate is above 1.
     """
@@ -568,7 +570,15 @@ def growth_rate(g: jax.Array) -> GrowthRate:
     L = g.shape[-1] - 1
     if L < 1:
         raise ValueError("growth_rate needs GSC values for at least two layers")
-    if not is_traced(g) and not bool(jnp.all((g > 0) & jnp.isfinite(g))):
+    if log:
+        if not is_traced(g) and not bool(jnp.all(jnp.isfinite(g))):
+            k = int(np.argmax(~np.isfinite(np.asarray(g).reshape(-1, L + 1)).any(axis=0)))
+            raise ValueError(
+                f"growth_rate(log=True) needs finite log GSC(k, 0), but log GSC({k}, 0) is "
+                "not: -inf is an exactly zero Jacobian product (gsc warns with the layer), NaN "
+                "a failed measurement; fit the layers before it"
+            )
+    elif not is_traced(g) and not bool(jnp.all((g > 0) & jnp.isfinite(g))):
         bad = ~(np.asarray(g).reshape(-1, L + 1) > 0)  # zero, negative or NaN
         bad |= ~np.isfinite(np.asarray(g).reshape(-1, L + 1))  # or beyond the dtype's range
         k = int(np.argmax(bad.any(axis=0)))
@@ -580,11 +590,12 @@ def growth_rate(g: jax.Array) -> GrowthRate:
             "fit the layers before it, or measure in float64"
         )
     k = jnp.arange(L + 1, dtype=g.dtype)
-    y = jnp.log(g)
+    y = g if log else jnp.log(g)
     k_c = k - k.mean()
     slope = jnp.sum(k_c * (y - y.mean(axis=-1, keepdims=True)), axis=-1) / jnp.sum(k_c**2)
     intercept = y.mean(axis=-1) - slope * k.mean()
-    return GrowthRate(jnp.exp(slope), jnp.exp(intercept), g[..., -1] ** (1.0 / L))
+    endpoint = jnp.exp(y[..., -1] / L) if log else g[..., -1] ** (1.0 / L)
+    return GrowthRate(jnp.exp(slope), jnp.exp(intercept), endpoint)
 
 
 def check_keys(keys) -> None:

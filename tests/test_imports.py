@@ -40,6 +40,7 @@ LEVELS = {
     "meanfield": 6,
     "random_matrix": 6,
     "training": 6,
+    "inspection": 7,
 }
 THEORY = {"meanfield", "random_matrix"}
 
