@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jacobian_lab as jl
-from jacobian_lab.experiments.plotting import STYLE, plot_band, save_figure, series_style
 from jacobian_lab.meanfield import gsc_profile
+from jacobian_lab.plot import STYLE, plot_band, save_figure, series_style
 
 
 def equinox_mlp(depth: int, width: int, key: jax.Array) -> eqx.nn.MLP:

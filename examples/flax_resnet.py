@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jacobian_lab as jl
-from jacobian_lab.experiments.plotting import STYLE, plot_band, save_figure, series_style
+from jacobian_lab.plot import STYLE, plot_band, save_figure, series_style
 
 
 class Branch(nn.Module):

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jacobian_lab as jl
-from jacobian_lab.experiments.plotting import STYLE, save_figure, series_style
+from jacobian_lab.plot import STYLE, save_figure, series_style
 
 HERE = pathlib.Path(__file__).resolve().parent
 
