@@ -105,3 +105,14 @@ def test_no_file_imports_an_underscore_name_from_another_module():
                 if private or any(p.startswith("_") for p in module.split(".")[1:]):
                     bad.append(f"{path.relative_to(ROOT)}:{line}: {module} {private}")
     assert not bad, "\n".join(bad)
+
+
+def test_only_the_figures_import_matplotlib():
+    """``import jacobian_lab`` stays free of matplotlib (seconds of import time): only
+    ``plot`` (loaded on first use of ``jl.plot``) and the experiment layer import it."""
+    bad = []
+    for path in (ROOT / "jacobian_lab").glob("*.py"):
+        for module, _, line in _imports(path):
+            if module.split(".")[0] == "matplotlib" and path.stem != "plot":
+                bad.append(f"{path.name}:{line} imports {module}")
+    assert not bad, "\n".join(bad)
