@@ -153,25 +153,30 @@ def _integer_ticks(ax: Axes) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _log_scale(ax: Axes, which: str) -> None:
-    """A log scale on ``ax``'s ``which`` (``"x"`` or ``"y"``) axis, called after drawing.
-    Spanning under 2.5 decades, it is labelled with plain numbers at 1-2-5 steps (every
-    multiple under 0.6 decades): matplotlib's default labels only the powers of ten there,
-    leaving one label or none, or crowds the minor ticks with overlapping ``a x 10^b``."""
-    getattr(ax, f"set_{which}scale")("log")
-    lo, hi = sorted(getattr(ax, f"get_{which}lim")())
+def _log_ticks(axis, lo: float, hi: float) -> None:
+    """Ticks of a log ``axis`` showing ``lo .. hi``: under 2.5 decades, plain numbers at
+    1-2-5 steps (every multiple under 0.6 decades), where matplotlib's default labels only
+    the powers of ten, leaving one label or none, or crowds the minor ticks with
+    overlapping ``a x 10^b``."""
     decades = np.log10(hi / lo)
     if decades < 2.5:
-        axis = getattr(ax, f"{which}axis")
         subs = (1.0, 2.0, 5.0) if decades > 0.6 else np.arange(1.0, 10.0)
         axis.set_major_locator(LogLocator(subs=subs))
         axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         axis.set_minor_formatter(NullFormatter())
 
 
+def _log_scale(ax: Axes, which: str) -> None:
+    """A log scale on ``ax``'s ``which`` (``"x"`` or ``"y"``) axis, called after drawing
+    (the ticks follow the data's range, :func:`_log_ticks`)."""
+    getattr(ax, f"set_{which}scale")("log")
+    _log_ticks(getattr(ax, f"{which}axis"), *sorted(getattr(ax, f"get_{which}lim")()))
+
+
 def _legend(ax: Axes) -> None:
+    # a half-transparent white box: where no corner is free of data, the labels stay legible
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(frameon=False)
+        ax.legend(frameon=True, framealpha=0.8, edgecolor="none")
 
 
 # -- the GSC ------------------------------------------------------------------------------
@@ -277,7 +282,8 @@ def gsc_matrix(mat, ax: Axes | None = None) -> Axes:
     with _axes(ax, (COLUMN_WIDTH, 2.7)) as ax:
         cmap = plt.get_cmap("viridis").with_extremes(bad="none")
         image = ax.imshow(shown, cmap=cmap, norm=LogNorm(lo, hi), origin="upper")
-        ax.figure.colorbar(image, ax=ax, label="GSC(k, l)")
+        bar = ax.figure.colorbar(image, ax=ax, label="GSC(k, l)")
+        _log_ticks(bar.ax.yaxis, lo, hi)
         for axis in (ax.xaxis, ax.yaxis):
             axis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("observed layer l (0 = output)")
@@ -430,7 +436,7 @@ def block_gsc(b: BlockGSC, ax: Axes | None = None) -> Axes:
             ``(S, blocks)`` (or ``(blocks,)``). The measured ``GSC(l+1, l)``: median over
             samples with their min-max range as a band; the prediction: median over
             samples as crosses, left out for blocks whose prediction is NaN (blocks with
-            a post-activation or Post-LN norm).
+            a post-activation or Post-LN norm; with none left, no legend entry either).
         ax: draw into this Axes, else a new column-wide figure.
 
     Returns:
@@ -445,14 +451,15 @@ def block_gsc(b: BlockGSC, ax: Axes | None = None) -> Axes:
         ax.axhline(1.0, color="0.7", lw=0.5)
         measured = {**_style(0), "marker": "o", "markersize": 3}
         plot_band(ax, j, f["gsc"], label="measured", style=measured, centre="median")
-        ax.plot(
-            j[drawn],
-            predicted[drawn],
-            "x",
-            ms=5,
-            color=_style(1)["color"],
-            label="Pythagorean prediction",
-        )
+        if drawn.any():
+            ax.plot(
+                j[drawn],
+                predicted[drawn],
+                "x",
+                ms=5,
+                color=_style(1)["color"],
+                label="Pythagorean prediction",
+            )
         _integer_ticks(ax)
         ax.set_xlabel("residual block j (0 = nearest the output)")
         ax.set_ylabel("GSC across the block")
