@@ -126,15 +126,21 @@ def _style(i: int) -> dict:
     return series_style(i + 4)
 
 
+def _figure(size: tuple[float, float], ncols: int = 1, **kwargs) -> tuple[Figure, list[Axes]]:
+    """A new figure of ``size`` inches with ``ncols`` panels in :data:`STYLE`."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, ncols, figsize=size, squeeze=False, **kwargs)
+    for ax in axes[0]:
+        # ticks are created lazily, possibly outside the style's context: fix their size
+        ax.tick_params(labelsize=STYLE["xtick.labelsize"])
+    return fig, list(axes[0])
+
+
 @contextmanager
 def _axes(ax: Axes | None, size: tuple[float, float]):
     """Draw under :data:`STYLE` into ``ax``, or into a new figure of ``size`` inches."""
     with plt.rc_context(STYLE):
-        if ax is None:
-            _, ax = plt.subplots(figsize=size)
-            # ticks are created lazily, possibly outside this context: fix their size now
-            ax.tick_params(labelsize=STYLE["xtick.labelsize"])
-        yield ax
+        yield _figure(size)[1][0] if ax is None else ax
 
 
 def _stack(values, name: str, what: str, max_ndim: int = 3) -> np.ndarray:
@@ -574,8 +580,12 @@ def training(history: History, ax: Axes | None = None, *, metric: str = "loss") 
 # -- remedies -----------------------------------------------------------------------------
 
 
+_MISSING = object()
+
+
 def _field(row, key: str):
-    return row[key] if isinstance(row, Mapping) else getattr(row, key)
+    """``row[key]`` of a mapping, ``row.key`` of an object; :data:`_MISSING` if absent."""
+    return row.get(key, _MISSING) if isinstance(row, Mapping) else getattr(row, key, _MISSING)
 
 
 def remedies(
@@ -593,8 +603,8 @@ def remedies(
 
     Args:
         rows: the remedies, drawn top to bottom in this order.
-        ax: draw into this Axes (then ``metrics`` must name one metric, or the rows share
-            exactly one), else into a new figure.
+        ax: draw into this Axes (then ``metrics`` must name one metric, or the rows must
+            have only one), else into a new figure.
         metrics: the metrics to draw, one panel each; default every metric some row has,
             in order of first appearance.
 
@@ -607,10 +617,11 @@ def remedies(
         raise ValueError("rows must be a non-empty sequence of remedies (name, before, after)")
     names, before, after = [], [], []
     for i, row in enumerate(rows):
-        try:
-            name, b, a = (_field(row, key) for key in ("name", "before", "after"))
-        except (KeyError, AttributeError) as e:
-            raise ValueError(f"rows[{i}] needs name, before and after; it has no {e}") from None
+        fields = {key: _field(row, key) for key in ("name", "before", "after")}
+        missing = [key for key, v in fields.items() if v is _MISSING]
+        if missing:
+            raise ValueError(f"rows[{i}] needs name, before and after; it has no {missing}")
+        name, b, a = fields.values()
         if not isinstance(b, Mapping) or not isinstance(a, Mapping):
             raise ValueError(f"rows[{i}] ({name!r}): before and after must be mappings")
         try:
@@ -627,17 +638,12 @@ def remedies(
     if ax is not None and len(metrics) != 1:
         raise ValueError(f"with ax=, metrics must name one metric of {known}")
     y = np.arange(len(names))
+    if ax is None:
+        size = (min(FULL_WIDTH, 1.2 + 1.9 * len(metrics)), 0.8 + 0.22 * len(names))
+        fig, axes = _figure(size, len(metrics), sharey=True)
+    else:
+        fig, axes = ax.figure, [ax]
     with plt.rc_context(STYLE):
-        if ax is None:
-            width = min(FULL_WIDTH, 1.2 + 1.9 * len(metrics))
-            fig, axes = plt.subplots(
-                1, len(metrics), figsize=(width, 0.8 + 0.22 * len(names)), sharey=True
-            )
-            axes = np.atleast_1d(axes)
-            for a in axes:
-                a.tick_params(labelsize=STYLE["xtick.labelsize"])
-        else:
-            fig, axes = None, [ax]
         for a, metric in zip(axes, metrics, strict=True):
             b = np.array([d.get(metric, np.nan) for d in before])
             c = np.array([d.get(metric, np.nan) for d in after])
