@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jacobian_lab as jl
-from jacobian_lab.experiments.plotting import STYLE, plot_band, save_figure, series_style
 from jacobian_lab.meanfield import gsc_profile
+from jacobian_lab.plot import STYLE, plot_band, save_figure, series_style
 
 
 def equinox_mlp(depth: int, width: int, key: jax.Array) -> eqx.nn.MLP:
@@ -79,23 +79,12 @@ def measure(depth: int, width: int, seeds: int, batch: int) -> dict:
 
 
 def plot(data: dict, folder: Path) -> list[Path]:
-    paths = []
+    ax = jl.plot.gsc_profile(np.array(data["equinox"]["gsc"]), label="equinox")
+    theory = np.array(data["mean_field_gsc"])  # mean field
+    jl.plot.gsc_profile(np.array(data["zoo"]["gsc"]), ax=ax, label="zoo", theory=theory)
+    ax.set_title(f"tanh MLP, depth {data['depth']}, width {data['width']}", fontsize=8)
+    paths = save_figure(ax, folder / "gsc_profile")
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(3.3, 2.5))
-        for i, name in enumerate(("equinox", "zoo")):
-            g = np.array(data[name]["gsc"])
-            plot_band(ax, np.arange(g.shape[1]), g, label=name, style=series_style(i), log=True)
-        theory = data["mean_field_gsc"]
-        ax.plot(
-            np.arange(len(theory)), theory, ":", color=series_style(2)["color"], label="mean field"
-        )
-        ax.set_yscale("log")
-        ax.set_xlabel("layer k (0 = output, L = input)")
-        ax.set_ylabel("GSC(k, 0)")
-        ax.set_title(f"tanh MLP, depth {data['depth']}, width {data['width']}", fontsize=8)
-        ax.legend(frameon=False)
-        paths += save_figure(fig, folder / "gsc_profile")
-
         fig, ax = plt.subplots(figsize=(3.3, 2.5))
         for i, name in enumerate(("equinox", "zoo")):
             r = np.array(data[name]["rms_sigma_minus_1"])

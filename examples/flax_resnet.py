@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jacobian_lab as jl
-from jacobian_lab.experiments.plotting import STYLE, plot_band, save_figure, series_style
+from jacobian_lab.plot import STYLE, plot_band, save_figure, series_style
 
 
 class Branch(nn.Module):
@@ -88,19 +88,12 @@ def measure(width: int, blocks: int, seeds: int, batch: int) -> dict:
 
 
 def plot(data: dict, folder: Path) -> list[Path]:
-    paths = []
+    ax = None
+    for name in ("flax", "zoo"):
+        ax = jl.plot.gsc_profile(np.array(data[name]["gsc"]), ax=ax, label=name)
+    ax.set_title(f"ResNet, {data['blocks']} blocks, width {data['width']}", fontsize=8)
+    paths = save_figure(ax, folder / "gsc_profile")
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(3.3, 2.5))
-        for i, name in enumerate(("flax", "zoo")):
-            g = np.array(data[name]["gsc"])
-            plot_band(ax, np.arange(g.shape[1]), g, label=name, style=series_style(i), log=True)
-        ax.set_yscale("log")
-        ax.set_xlabel("layer k (0 = output, L = input)")
-        ax.set_ylabel("GSC(k, 0)")
-        ax.set_title(f"ResNet, {data['blocks']} blocks, width {data['width']}", fontsize=8)
-        ax.legend(frameon=False)
-        paths += save_figure(fig, folder / "gsc_profile")
-
         fig, axes = plt.subplots(1, 2, figsize=(6.75, 2.5))
         for i, name in enumerate(("flax", "zoo")):
             st = series_style(i)

@@ -37,7 +37,7 @@ from flax import nnx
 from matplotlib.ticker import MaxNLocator
 
 import jacobian_lab as jl
-from jacobian_lab.experiments.plotting import STYLE, plot_band, save_figure, series_style
+from jacobian_lab.plot import STYLE, plot_band, save_figure, series_style
 
 
 def gelu(z):

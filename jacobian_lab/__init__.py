@@ -15,7 +15,11 @@ residual block, a repeated stage under ``lax.scan``) that one forward driver
 (``checks``) -> activations, initializers -> models (``model``, ``networks``,
 ``convnets``, ``chain``, ``adapters``, ``zoo``) -> driver, Jacobians, matrix-free ->
 diagnostics -> theory (``meanfield``, ``random_matrix``; imports activations only) ->
-``experiments`` (public API only).
+figures (``plot``, over the result types) -> ``experiments`` (public API only).
+
+``jacobian_lab.plot`` (paper-ready figures of the result types) is loaded on first use,
+``jl.plot`` or ``import jacobian_lab.plot``, so that ``import jacobian_lab`` does not
+import matplotlib.
 """
 
 from jacobian_lab.activations import ACTIVATIONS, get_activation
@@ -127,6 +131,16 @@ from jacobian_lab.transformer import Transformer, transformer
 from jacobian_lab.zoo import architecture, paper_architectures
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # PEP 562: the figures load matplotlib, so they are imported when first asked for
+    if name == "plot":
+        import importlib
+
+        return importlib.import_module("jacobian_lab.plot")
+    raise AttributeError(f"module 'jacobian_lab' has no attribute {name!r}")
+
 
 __all__ = [
     "ACTIVATIONS",

@@ -1,9 +1,9 @@
 """The import layers of the package, checked by walking every import statement.
 
 helpers -> activations/initializers -> models -> driver, Jacobians, matrix-free ->
-diagnostics; theory imports only activations (and theory); experiments use the public
-API. A module imports only from its own level or below, and no file of the project
-imports an underscore name from another module."""
+diagnostics; theory imports only activations (and theory); figures (``plot``) import the
+result types; experiments use the public API. A module imports only from its own level or
+below, and no file of the project imports an underscore name from another module."""
 
 import ast
 import pathlib
@@ -41,6 +41,8 @@ LEVELS = {
     "random_matrix": 6,
     "training": 6,
     "inspection": 7,
+    # figures of the result types (of training's History too); matplotlib enters here
+    "plot": 7,
 }
 THEORY = {"meanfield", "random_matrix"}
 
@@ -103,4 +105,15 @@ def test_no_file_imports_an_underscore_name_from_another_module():
                 private = [n for n in names if n.startswith("_") and not n.startswith("__")]
                 if private or any(p.startswith("_") for p in module.split(".")[1:]):
                     bad.append(f"{path.relative_to(ROOT)}:{line}: {module} {private}")
+    assert not bad, "\n".join(bad)
+
+
+def test_only_the_figures_import_matplotlib():
+    """``import jacobian_lab`` stays free of matplotlib (seconds of import time): only
+    ``plot`` (loaded on first use of ``jl.plot``) and the experiment layer import it."""
+    bad = []
+    for path in (ROOT / "jacobian_lab").glob("*.py"):
+        for module, _, line in _imports(path):
+            if module.split(".")[0] == "matplotlib" and path.stem != "plot":
+                bad.append(f"{path.name}:{line} imports {module}")
     assert not bad, "\n".join(bad)

@@ -26,7 +26,7 @@ def _toy(calls, interrupt_at=None):
     def plot(data, folder, formats):
         import matplotlib.pyplot as plt
 
-        from jacobian_lab.experiments.plotting import save_figure
+        from jacobian_lab.plot import save_figure
 
         fig, ax = plt.subplots()
         ax.plot([r["square"] for r in data["table"]])

@@ -27,7 +27,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jacobian_lab as jl
-from jacobian_lab.experiments.plotting import STYLE, save_figure, series_style
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -87,86 +86,38 @@ def measure(net, params, x, *, key=None, probes: int = 32) -> dict:
 
 
 def plot(numbers: dict, folder: pathlib.Path) -> list[pathlib.Path]:
-    paths = []
     names = numbers["names"]
     L = len(names)
-    g = np.array(numbers["gsc"])
-    labels = [*names[::-1], "input"]  # index k = 0 (output) .. L (input)
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(6.75, 2.8))
-        k = np.arange(L + 1)
-        ax.plot(
-            k, g.mean(0), marker="o", ms=3, label="exact (mean over samples)", **series_style(0)
-        )
-        est, err = np.array(numbers["estimate"]["value"]), np.array(numbers["estimate"]["error"])
-        ax.errorbar(
-            k + 0.15,
-            est.mean(0),
-            yerr=2 * np.sqrt((err**2).mean(0) / err.shape[0]),
-            fmt="s",
-            ms=2,
-            color=series_style(1)["color"],
-            label="matrix-free estimate (mean), ±2 s.e.",
-        )
-        ax.set_yscale("log")
-        ax.set_xticks(k)
-        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=5)
-        ax.set_ylabel("GSC(k, 0)")
-        ax.set_title(
-            f"{numbers['model']} ({numbers['size']}): GSC from each layer to the output", fontsize=8
-        )
-        ax.legend(frameon=False, fontsize=6)
-        paths += save_figure(fig, folder / "gsc_profile")
+    est = numbers["estimate"]
+    ax = jl.plot.gsc_profile(np.array(numbers["gsc"]), label="exact (median over samples)")
+    jl.plot.gsc_profile(
+        jl.Estimate(np.array(est["value"]), np.array(est["error"])),
+        ax=ax,
+        label="matrix-free estimate (mean), ±2 s.e.",
+    )
+    ax.figure.set_size_inches(jl.plot.FULL_WIDTH, 2.8)
+    # index k = 0 (output) .. L (input)
+    ax.set_xticks(np.arange(L + 1), [*names[::-1], "input"], rotation=60, ha="right", fontsize=5)
+    ax.set_title(
+        f"{numbers['model']} ({numbers['size']}): GSC from each layer to the output", fontsize=8
+    )
+    paths = jl.plot.save_figure(ax, folder / "gsc_profile")
 
-        fig, ax = plt.subplots(figsize=(3.6, 3.2))
-        G = np.exp(np.log(np.array(numbers["gsc_matrix"])).mean(0))
-        im = ax.imshow(np.log10(G), cmap="viridis", origin="upper")
-        ax.set_xlabel("l (layer nearer the output)")
-        ax.set_ylabel("k (layer nearer the input)")
-        fig.colorbar(im, ax=ax, label="log10 GSC(k, l)")
-        ax.set_title("all-pairs GSC", fontsize=8)
-        paths += save_figure(fig, folder / "gsc_matrix")
+    ax = jl.plot.gsc_matrix(np.array(numbers["gsc_matrix"]))
+    ax.set_title("all-pairs GSC (median over samples)", fontsize=8)
+    paths += jl.plot.save_figure(ax, folder / "gsc_matrix")
 
-        if "block_gsc" in numbers:
-            bg, py = numbers["block_gsc"], numbers["pythagorean"]
-            blocks = [names[L - 1 - l] for l in numbers["block_outputs"]]
-            fig, axes = plt.subplots(1, 2, figsize=(6.75, 2.6))
-            b = np.arange(len(blocks))
-            axes[0].plot(
-                b, np.median(bg["gsc"], 0), marker="o", ms=3, label="measured", **series_style(0)
-            )
-            axes[0].plot(
-                b,
-                np.median(bg["predicted"], 0),
-                "x",
-                ms=4,
-                label="Pythagorean prediction",
-                **series_style(1),
-            )
-            axes[0].plot(b, np.median(bg["branch_gsc"], 0), label="branch alone", **series_style(2))
-            axes[0].set_ylabel("GSC across the block")
-            axes[1].plot(
-                b,
-                np.median(np.abs(py["cosine"]), 0),
-                "o-",
-                ms=3,
-                label="|cos(skip, branch)|",
-                **series_style(0),
-            )
-            axes[1].plot(
-                b,
-                np.median(bg["branch_ratio"], 0),
-                "s-",
-                ms=3,
-                label="||branch|| / ||skip||",
-                **series_style(1),
-            )
-            axes[1].set_yscale("log")
-            for ax in axes:
-                ax.set_xticks(b)
-                ax.set_xticklabels(blocks, rotation=60, ha="right", fontsize=5)
-                ax.legend(frameon=False, fontsize=6)
-            paths += save_figure(fig, folder / "blocks")
+    if "block_gsc" in numbers:
+        bg = jl.BlockGSC(**{f: np.array(v) for f, v in numbers["block_gsc"].items()})
+        py = jl.Pythagorean(**{f: np.array(v) for f, v in numbers["pythagorean"].items()})
+        blocks = [names[L - 1 - l] for l in numbers["block_outputs"]]
+        with plt.rc_context(jl.plot.STYLE):
+            fig, axes = plt.subplots(1, 2, figsize=(jl.plot.FULL_WIDTH, 2.6))
+        jl.plot.block_gsc(bg, ax=axes[0])
+        jl.plot.pythagorean(py, ax=axes[1])
+        for ax in axes:
+            ax.set_xticks(np.arange(len(blocks)), blocks, rotation=60, ha="right", fontsize=5)
+        paths += jl.plot.save_figure(fig, folder / "blocks")
     return paths
 
 

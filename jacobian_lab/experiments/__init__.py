@@ -1,7 +1,8 @@
 """The experiment layer: the analyses behind ``jacobian-lab report`` and their machinery.
 
-It is built on the library's public API (``import jacobian_lab as jl``) and nothing in the
-library imports it. Modules:
+It is built on the library's public API (``import jacobian_lab as jl``; its figures on
+:mod:`jacobian_lab.plot`, the paper style and ``save_figure``) and nothing in the library
+imports it. Modules:
 
 * :mod:`~jacobian_lab.experiments.registry`: ``ANALYSES``, every analysis by name, in
   report order;
@@ -11,7 +12,6 @@ library imports it. Modules:
   and run as a script by ``analyses/<name>.py``;
 * :mod:`~jacobian_lab.experiments.report` (analyses, verdicts, the report page),
   :mod:`~jacobian_lab.experiments.runner` (resumable sweeps),
-  :mod:`~jacobian_lab.experiments.plotting` (paper style, ``save_figure``),
   :mod:`~jacobian_lab.experiments.constants` (settings shared by analyses) and
   :mod:`~jacobian_lab.experiments.cli` (the ``jacobian-lab`` command).
 """

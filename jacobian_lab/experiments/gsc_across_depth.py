@@ -30,8 +30,8 @@ import numpy as np
 import jacobian_lab as jl
 from jacobian_lab import meanfield
 from jacobian_lab.experiments.constants import gaussian_inputs
-from jacobian_lab.experiments.plotting import STYLE, plot_band, save_figure, series_style
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
+from jacobian_lab.plot import STYLE, plot_band, save_figure, series_style
 
 EXPLODING_RATE = 1.02
 """A family explodes when its fitted GSC growth rate per layer exceeds this (a factor

@@ -24,8 +24,8 @@ import numpy as np
 
 import jacobian_lab as jl
 from jacobian_lab.experiments.constants import SIGMA_W, gaussian_inputs
-from jacobian_lab.experiments.plotting import OKABE_ITO, STYLE, save_figure, series_style
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
+from jacobian_lab.plot import OKABE_ITO, STYLE, save_figure, series_style
 
 BINS = np.linspace(-4.0, 2.0, 49)  # log10 of singular values
 SIZES = {

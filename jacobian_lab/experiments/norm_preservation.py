@@ -24,8 +24,8 @@ from matplotlib.ticker import NullFormatter
 
 import jacobian_lab as jl
 from jacobian_lab.experiments.constants import gaussian_inputs
-from jacobian_lab.experiments.plotting import STYLE, save_figure, series_style
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
+from jacobian_lab.plot import STYLE, save_figure, series_style
 
 SIZES = {
     "tiny": {"depths": [2, 8], "widths": [16], "seeds": 2, "batch": 4},

@@ -39,14 +39,14 @@ import jacobian_lab as jl
 from jacobian_lab import meanfield
 from jacobian_lab.experiments.constants import SIGMA_W, gaussian_inputs
 from jacobian_lab.experiments.gsc_across_depth import EXPLODING_RATE
-from jacobian_lab.experiments.plotting import (
+from jacobian_lab.experiments.report import Analysis, Verdict, script_main
+from jacobian_lab.plot import (
     LINESTYLES,
     OKABE_ITO,
     STYLE,
     plot_band,
     save_figure,
 )
-from jacobian_lab.experiments.report import Analysis, Verdict, script_main
 
 ORDERS = ["-".join(p) for p in itertools.permutations(("linear", "norm", "act"))]
 NORM_THEN_ACT = ("linear-norm-act", "norm-act-linear", "act-linear-norm")

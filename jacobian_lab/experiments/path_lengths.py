@@ -22,8 +22,8 @@ import numpy as np
 
 import jacobian_lab as jl
 from jacobian_lab.experiments.constants import gaussian_inputs
-from jacobian_lab.experiments.plotting import OKABE_ITO, STYLE, save_figure, series_style
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
+from jacobian_lab.plot import OKABE_ITO, STYLE, save_figure, series_style
 
 SIZES = {
     "tiny": {"depths": [12], "widths": [16], "seeds": 2, "batch": 4, "num_paths": 8},

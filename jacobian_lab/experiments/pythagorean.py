@@ -24,14 +24,14 @@ from matplotlib.ticker import NullFormatter
 
 import jacobian_lab as jl
 from jacobian_lab.experiments.constants import gaussian_inputs
-from jacobian_lab.experiments.plotting import (
+from jacobian_lab.experiments.report import Analysis, Verdict, script_main
+from jacobian_lab.plot import (
     LINESTYLES,
     OKABE_ITO,
     STYLE,
     save_figure,
     series_style,
 )
-from jacobian_lab.experiments.report import Analysis, Verdict, script_main
 
 MEDIAN_ABS_NORMAL = 0.6745
 

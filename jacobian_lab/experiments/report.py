@@ -26,7 +26,6 @@ from typing import Any, NamedTuple
 import jax
 
 from jacobian_lab.experiments.claims import claims_table
-from jacobian_lab.experiments.plotting import FIGURE_FORMATS
 from jacobian_lab.experiments.runner import (
     SweepStopped,
     is_writer,
@@ -35,6 +34,7 @@ from jacobian_lab.experiments.runner import (
     stop_on_interrupt,
     writing,
 )
+from jacobian_lab.plot import FIGURE_FORMATS
 
 SIZES = ("tiny", "small", "paper")
 """``tiny``: seconds, for tests; ``small``: minutes on a 2-core CPU (the default);

@@ -31,8 +31,8 @@ import numpy as np
 
 import jacobian_lab as jl
 from jacobian_lab.experiments.constants import gaussian_inputs
-from jacobian_lab.experiments.plotting import OKABE_ITO, STYLE, save_figure, series_style
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
+from jacobian_lab.plot import OKABE_ITO, STYLE, save_figure, series_style
 
 EXPLODING_RATE = 1.02  # per layer, as in gsc_across_depth
 COLLAPSED_COSINE = 0.9

@@ -43,8 +43,8 @@ import jacobian_lab as jl
 from jacobian_lab import meanfield
 from jacobian_lab.experiments.constants import SIGMA_W, gaussian_inputs
 from jacobian_lab.experiments.gsc_across_depth import theory_profile
-from jacobian_lab.experiments.plotting import OKABE_ITO, STYLE, save_figure, series_style
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
+from jacobian_lab.plot import OKABE_ITO, STYLE, save_figure, series_style
 
 Q_SETTINGS = {"tanh": (1.5, 0.3), "relu": (SIGMA_W["relu"], 0.3), "erf": (1.5, 0.3)}
 DENSITY_SETTINGS = {  # (activation, weights): (sigma_w, sigma_b, depth), inputs at q*

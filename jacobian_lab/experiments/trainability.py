@@ -48,8 +48,8 @@ from matplotlib.ticker import NullFormatter
 from scipy import stats
 
 import jacobian_lab as jl
-from jacobian_lab.experiments.plotting import STYLE, plot_band, save_figure, series_style
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
+from jacobian_lab.plot import STYLE, plot_band, save_figure, series_style
 
 EXPLODING_RATE = 1.02
 """A plain family explodes when ``GSC(L, 0)^(1/L)`` at initialization exceeds this (the

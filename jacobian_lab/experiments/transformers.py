@@ -41,8 +41,8 @@ from matplotlib.ticker import NullFormatter
 
 import jacobian_lab as jl
 from jacobian_lab.experiments.constants import gaussian_inputs
-from jacobian_lab.experiments.plotting import OKABE_ITO, STYLE, plot_band, save_figure
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
+from jacobian_lab.plot import OKABE_ITO, STYLE, plot_band, save_figure
 
 SIZES = {
     "tiny": {"widths": [8], "depths": [2, 4], "seq_len": 4, "heads": 2, "seeds": 2},

@@ -36,8 +36,8 @@ from scipy.special import logsumexp
 import jacobian_lab as jl
 from jacobian_lab import meanfield
 from jacobian_lab.experiments.constants import SIGMA_W, gaussian_inputs
-from jacobian_lab.experiments.plotting import STYLE, plot_band, save_figure, series_style
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
+from jacobian_lab.plot import STYLE, plot_band, save_figure, series_style
 
 FAMILIES = {
     "sigmoid": ("sigmoid", SIGMA_W["sigmoid"]),
