@@ -59,10 +59,14 @@ from jacobian_lab.tokens import token_statistics
 
 REMEDIES = ("branch_scale", "weight_scale", "skips")
 
+GSC_RATE_TOLERANCE = 0.01
+"""Weight scales whose per-layer GSC growth ``r`` has ``|log r|`` within this of the best
+one's count as equally good; among them the one that keeps the forward lengths best wins."""
+
 THRESHOLDS = {
     "rate_margin": 0.01,
-    "exploding_gsc": 10.0,
-    "vanishing_gsc": 0.1,
+    "exploding_gsc": 2.0,
+    "vanishing_gsc": 0.5,
     "collapsed_cosine": 0.9,
     "input_cosine": 0.5,
     "rank_collapse": 0.1,
@@ -788,19 +792,23 @@ def _stage_layers(model) -> list[tuple[int, int, int]]:
     return out
 
 
-def _stage_rate(model, params, x, notes, first, size, **kw) -> float | None:
-    """The per-layer growth of ``GSC(k, 0)`` across one stage, or ``None`` where a length
-    or the GSC is not finite."""
+def _stage_rates(model, params, x, notes, first, size, **kw) -> tuple[float, float] | None:
+    """The per-layer growth of ``GSC(k, 0)`` and of the forward length ``||f_k||`` across
+    one stage (least-squares slopes of their logarithms, medians over the samples), or
+    ``None`` where a length or the GSC is not finite or a length is zero."""
     try:
         log_g = _np(_quiet(gsc, notes, model, params, x, log=True, **kw))
+        lengths = _lengths(model, params, x)
     except (FloatingPointError, ValueError, OverflowError):
         return None
     L = log_g.shape[-1] - 1
     ks = np.arange(L - first - size, L - first + 1)
-    y = np.median(log_g[:, ks], axis=0)
-    if not np.all(np.isfinite(y)):
+    with np.errstate(divide="ignore"):
+        ys = np.median(log_g[:, ks], axis=0), np.median(np.log(lengths[:, ks]), axis=0)
+    if not all(np.all(np.isfinite(y)) for y in ys):
         return None
-    return float(np.exp(np.polyfit(ks, y, 1)[0]))
+    gsc_slope, length_slope = (np.polyfit(ks, y, 1)[0] for y in ys)
+    return float(np.exp(gsc_slope)), float(np.exp(-length_slope))  # lengths: forward
 
 
 def _weight_scale(model, params, x, before, notes, *, alpha, **kw) -> Remedy:
@@ -815,51 +823,61 @@ def _weight_scale(model, params, x, before, notes, *, alpha, **kw) -> Remedy:
     found = np.ones(n)
     setting = {}
     grid = np.exp(np.linspace(np.log(0.25), np.log(4.0), 17))
-    rates: dict = {}
     for i, first, size in stages:
+        rates: dict = {}
 
-        def cost(c, i=i, first=first, size=size):
-            cs = np.ones(n)
-            cs[i] = c
-            r = _stage_rate(m, (params, m.knobs(cs)), x, notes, first, size, **kw)
-            rates[c] = r
-            return math.inf if r is None else abs(math.log(r))
+        def best(cs, i=i, first=first, size=size, rates=rates):
+            """The scale whose GSC rate is within GSC_RATE_TOLERANCE of the best one's
+            and whose length rate is closest to 1 (the lengths break the tie where the
+            GSC is flat in c: a homogeneous stage, or an ordered phase)."""
+            for c in cs:
+                scales = np.ones(n)
+                scales[i] = c
+                rates[c] = _stage_rates(m, (params, m.knobs(scales)), x, notes, first, size, **kw)
+            ok = [c for c in cs if rates[c] is not None]
+            if not ok:
+                return None
+            g = {c: abs(math.log(rates[c][0])) for c in ok}
+            near = [c for c in ok if g[c] <= min(g.values()) + GSC_RATE_TOLERANCE]
+            return min(near, key=lambda c: abs(math.log(rates[c][1])))
 
-        costs = [cost(c) for c in grid]
-        j = int(np.argmin(costs))
+        j = best(grid)
+        j = 8 if j is None else int(np.argmin(np.abs(grid - j)))
         fine = np.exp(np.linspace(np.log(grid[max(j - 1, 0)]), np.log(grid[min(j + 1, 16)]), 9))
-        fine_costs = [cost(c) for c in fine]
-        k = int(np.argmin(fine_costs))
-        if not math.isfinite(fine_costs[k]):
+        c_best = best(fine)
+        label = f"stage {i} ({model.names[first]!r} .. {model.names[first + size - 1]!r})"
+        if c_best is None:
             return Remedy(
                 "weight_scale",
                 False,
                 {},
                 before,
                 {},
-                f"no weight scale in [0.25, 4] keeps stage {i}'s forward lengths finite",
+                f"no weight scale in [0.25, 4] keeps {label}'s forward lengths finite",
             )
-        label = f"stage {i} ({model.names[first]!r} .. {model.names[first + size - 1]!r})"
-        finite = [c for c in costs if math.isfinite(c)]
-        if max(finite) - min(finite) <= 1e-6 * max(1.0, min(finite)):
-            setting[label] = {
-                "c": 1.0,
-                "note": "the GSC across this stage does not change with the weight scale "
-                "(a positively homogeneous stage without biases: the GSC is invariant to "
-                "rescaling); this remedy cannot change it",
-            }
-            continue
-        found[i] = fine[k]
-        setting[label] = {"c": float(fine[k]), "rate": rates[fine[k]]}
-        if k in (0, 8) and fine[k] in (grid[0], grid[-1]):
+        found[i] = c_best
+        setting[label] = {
+            "c": float(c_best),
+            "gsc_rate": rates[c_best][0],
+            "length_rate": rates[c_best][1],
+        }
+        gsc_rates = [math.log(rates[c][0]) for c in grid if rates[c] is not None]
+        if max(gsc_rates) - min(gsc_rates) <= 1e-6:
+            setting[label]["note"] = (
+                "the GSC across this stage does not change with the weight scale (a positively "
+                "homogeneous stage without biases: the GSC is invariant to rescaling); c "
+                "only keeps the forward lengths"
+            )
+        elif c_best in (grid[0], grid[-1]):
             setting[label]["note"] = "at the edge of the searched interval [0.25, 4]"
     critical = _critical_scale(model)
     if critical is not None:
         setting["mean_field_critical_c"] = critical
     after = _measure(m, (params, m.knobs(found)), x, notes, **kw) or {}
     why = (
-        "the weights of each repeated stage scaled by the c whose per-layer GSC growth is "
-        "closest to 1 (grid of 17 scales in [0.25, 4], refined)"
+        "the weights of each repeated stage scaled by the c whose per-layer GSC growth across "
+        "the stage is closest to 1 (within 1% per layer, the forward lengths' growth closest "
+        "to 1 decides; 17 scales in [0.25, 4], refined)"
     )
     return Remedy("weight_scale", True, setting, before, after, why)
 

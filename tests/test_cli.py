@@ -100,3 +100,57 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
     assert "needs even depths" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*TINY, "--formats", "jpg"])
+
+
+FACTORY = """
+import jax
+import jax.numpy as jnp
+import jacobian_lab as jl
+
+
+def make(key):
+    net = jl.resmlp(3, 8, "tanh", in_dim=8)
+    return net, net.init(key), jax.random.normal(jax.random.PRNGKey(1), (6, 8))
+
+
+def apply(params, x):
+    for W in params:
+        x = jl.tap(jnp.tanh(x @ W))
+    return x
+
+
+def plain(key):
+    ks = jax.random.split(key, 4)
+    params = [jax.random.normal(k, (8, 8)) * 0.6 for k in ks]
+    return apply, params, jax.random.normal(jax.random.PRNGKey(1), (6, 8))
+"""
+
+
+def test_inspect_writes_page_figures_json_and_csv(tmp_path, capsys):
+    """`jacobian-lab inspect FILE.py:FACTORY` on a built-in ResNet (two seeds) and on a
+    plain-JAX model read whole: the page, the figures as PDF and PNG, the JSON and CSV,
+    one line per remedy on stdout; a missing factory is one error line with exit 2."""
+    (tmp_path / "models.py").write_text(FACTORY)
+    out = tmp_path / "out"
+    spec = f"{tmp_path / 'models.py'}:make"
+    assert main(["inspect", spec, "--seeds", "2", "--out", str(out), "--no-cache"]) == 0
+    printed = capsys.readouterr().out
+    assert "remedy branch_scale: GSC(L, 0)" in printed and "remedy skips" in printed
+    for name in ("inspection.html", "inspection.json", "layers.csv", "remedies.csv"):
+        assert (out / name).stat().st_size > 0
+    for fig in ("gsc_profile", "spectrum", "pythagorean", "block_gsc", "remedies"):
+        assert (out / f"{fig}.png").stat().st_size > 0 and (out / f"{fig}.pdf").exists()
+    data = json.loads((out / "inspection.json").read_text())
+    assert [r["layer"] for r in data["layers"]][0] == "input"
+    assert {r["name"] for r in data["remedies"]} == {"branch_scale", "weight_scale", "skips"}
+    assert "gsc_lo" in data["layers"][0]  # seed bands
+
+    out2 = tmp_path / "out2"
+    spec2 = f"{tmp_path / 'models.py'}:plain"
+    assert main(["inspect", spec2, "--remedies", "skips", "--out", str(out2), "--no-cache"]) == 0
+    rows = (out2 / "layers.csv").read_text().splitlines()
+    assert len(rows) == 1 + 5  # header, the input and 4 tapped layers
+
+    assert main(["inspect", f"{tmp_path / 'models.py'}:nothing", "--no-cache"]) == 2
+    err = capsys.readouterr().err
+    assert "models.py has no function 'nothing'; its functions: " in err and "make" in err

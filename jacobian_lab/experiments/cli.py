@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from jacobian_lab import __version__
+from jacobian_lab import REMEDIES, __version__
 from jacobian_lab.compilation_cache import enable_compilation_cache
 from jacobian_lab.experiments.report import (
     INTERRUPTED,
@@ -20,6 +20,7 @@ from jacobian_lab.experiments.report import (
     write_report,
 )
 from jacobian_lab.experiments.runner import SweepStopped, prepare_output_dir, stop_on_interrupt
+from jacobian_lab.plot import FIGURE_FORMATS
 
 
 def _analyses() -> dict:
@@ -102,6 +103,58 @@ def build_parser() -> argparse.ArgumentParser:
         "theory_validation, trainability",
     )
     add_analysis_arguments(p, default_out="results/report")
+    p.set_defaults(func=cmd_report)
+    _add_cache_flag(p)
+    q = sub.add_parser(
+        "inspect",
+        help="inspect your model: per-layer table, findings, remedies, figures",
+        description="Import FILE.py, call FACTORY (with a PRNG key if it takes one) and "
+        "inspect the model it returns: (model, params, x) for a jacobian_lab model, (model, x) "
+        "for a Flax linen (bound), NNX, Equinox or (apply_fn, params) model as written, read "
+        "by jl.chain. Writes <out>/inspection.html with the findings, the remedies measured "
+        "before and after, figures (PDF and PNG), inspection.json, layers.csv and "
+        "remedies.csv.",
+    )
+    q.add_argument("factory", metavar="FILE.py:FACTORY", help="the file and the function in it")
+    q.add_argument(
+        "--seeds", type=int, default=1, help="initializations (the factory is called per key)"
+    )
+    q.add_argument("--seed", type=int, default=0, help="the first PRNG key (default 0)")
+    q.add_argument(
+        "--at",
+        metavar="CLASS",
+        help="where to cut a model read whole: the name of its block class (default: its "
+        "repeated blocks; 'all' cuts at every submodule call)",
+    )
+    q.add_argument(
+        "--dtype", choices=("float32", "float64"), help="cast the params and inputs to this"
+    )
+    q.add_argument(
+        "--method",
+        choices=("auto", "dense", "matrix_free"),
+        default="auto",
+        help="GSC method (default auto: dense within the memory budget)",
+    )
+    q.add_argument(
+        "--remedies",
+        nargs="+",
+        default=list(REMEDIES),
+        choices=[*REMEDIES, "none"],
+        help="remedies to try (default: all; 'none' for none)",
+    )
+    q.add_argument(
+        "--alpha", type=float, help="branch scale (default 1/sqrt(number of residual blocks))"
+    )
+    q.add_argument(
+        "--formats", nargs="+", choices=FIGURE_FORMATS, default=["pdf", "png"], help="figures"
+    )
+    q.add_argument("--out", default="results/inspect", help="output folder")
+    q.set_defaults(func=cmd_inspect)
+    _add_cache_flag(q)
+    return parser
+
+
+def _add_cache_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-cache",
         action="store_true",
@@ -109,8 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
         "$JACOBIAN_LAB_CACHE or ~/.cache/jacobian_lab/jax; JACOBIAN_LAB_CACHE=off also "
         "turns it off): a second run loads its compiled programs instead of compiling them",
     )
-    p.set_defaults(func=cmd_report)
-    return parser
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from jacobian_lab.experiments.inspect_page import run  # matplotlib: only when inspecting
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    return run(args, _log)
 
 
 def main(argv: list[str] | None = None) -> int:
