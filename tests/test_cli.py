@@ -2,6 +2,7 @@
 its files, its verdicts on facts that hold even at that size, resuming, and bad input."""
 
 import json
+import re
 
 import pytest
 
@@ -140,6 +141,11 @@ def test_inspect_writes_page_figures_json_and_csv(tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     for fig in ("gsc_profile", "spectrum", "pythagorean", "block_gsc", "remedies"):
         assert (out / f"{fig}.png").stat().st_size > 0 and (out / f"{fig}.pdf").exists()
+    page = (out / "inspection.html").read_text()
+    referenced = re.findall(r'(?:src|href)="([^"#:]+)"', page)
+    assert "gsc_profile.png" in referenced
+    for name in referenced:  # every file the page shows exists and is not empty
+        assert (out / name).stat().st_size > 0, name
     data = json.loads((out / "inspection.json").read_text())
     assert [r["layer"] for r in data["layers"]][0] == "input"
     assert {r["name"] for r in data["remedies"]} == {"branch_scale", "weight_scale", "skips"}
