@@ -148,7 +148,7 @@ def plot(numbers: dict, folder: pathlib.Path) -> list[pathlib.Path]:
             axes[1].plot(
                 b,
                 np.median(np.abs(py["cosine"]), 0),
-                "o-",
+                marker="o",
                 ms=3,
                 label="|cos(skip, branch)|",
                 **series_style(0),
@@ -156,7 +156,7 @@ def plot(numbers: dict, folder: pathlib.Path) -> list[pathlib.Path]:
             axes[1].plot(
                 b,
                 np.median(bg["branch_ratio"], 0),
-                "s-",
+                marker="s",
                 ms=3,
                 label="||branch|| / ||skip||",
                 **series_style(1),
