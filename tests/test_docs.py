@@ -251,3 +251,18 @@ def test_gallery_pages_without_running(tmp_path, monkeypatch):
         assert assets == []
     argv, _ = hook.jobs()["gallery"]
     assert argv[0] == "examples/gallery/run.py" and "--size" in argv
+
+
+def test_grouped_arguments_become_one_entry_each():
+    """``net, params, x: ...`` in an Args section renders as one row per parameter (so the
+    reference shows each one's type and default, and griffe checks each name)."""
+    pytest.importorskip("griffe")
+    hook = _hook("sphinx_roles")
+    text = (
+        "Doc.\n\nArgs:\n    net, params, x: any model, its params\n        and inputs.\n"
+        "    log: logs.\n\nReturns:\n    g.\n"
+    )
+    assert hook.split_grouped_arguments(text) == (
+        "Doc.\n\nArgs:\n    net: any model, its params\n        and inputs.\n"
+        "    params: See ``net``.\n    x: See ``net``.\n    log: logs.\n\nReturns:\n    g.\n"
+    )

@@ -11,10 +11,10 @@ reStructuredText habits that Markdown does not know:
 * a paragraph ending in ``::`` (a literal block follows) ends in ``:``, and a lone ``::``
   line goes;
 * an ``Args:`` entry may document several parameters at once (``net, params, x: ...``),
-  which Google style has no form for: mkdocs.yml turns griffe's own check off
-  (``warn_unknown_params``) and this extension checks each name against the signature
-  instead, with a warning (an error under ``mkdocs build --strict``) for a name the
-  function does not have.
+  which Google style has no form for: it becomes one entry per name, the first with the
+  description and the others pointing to it, so that griffe checks every name against
+  the signature (a name the function does not have is a warning, an error under
+  ``mkdocs build --strict``) and the table shows each one's type and default.
 
 Only the rendered text changes: the library's docstrings stay as they are for ``help()``.
 Loaded by mkdocstrings (``extensions:`` in ``mkdocs.yml``).
@@ -23,13 +23,11 @@ Loaded by mkdocstrings (``extensions:`` in ``mkdocs.yml``).
 from __future__ import annotations
 
 import html
-import logging
 import re
 from typing import Any
 
 import griffe
 
-LOG = logging.getLogger("mkdocs.plugins.jacobian_lab.sphinx_roles")
 ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|data|attr|exc|obj|const):`(~?)([^`<>]+)`")
 
 
@@ -69,29 +67,57 @@ def convert(text: str, obj: griffe.Object, pkg: griffe.Module) -> str:
             f"<code>{html.escape(shown)}</code></autoref>"
         )
 
-    text = ROLE.sub(role, text)
+    text = split_grouped_arguments(ROLE.sub(role, text))
     text = re.sub(r"(?m)^([ \t]*)Fields:[ \t]*$", r"\1Attributes:", text)
     text = re.sub(r"(?m)^[ \t]*::[ \t]*$", "", text)  # a lone "::" line
     return re.sub(r"(?m)(?<=\S)::[ \t]*$", ":", text)  # "text::" -> "text:"
 
 
-def check_arguments(obj: griffe.Object) -> None:
-    """Warn for each name in ``obj``'s ``Args:`` section that is not one of its parameters."""
-    if not obj.is_function or obj.docstring is None:
-        return
-    sections = obj.docstring.parse("google", warn_unknown_params=False, warn_missing_types=False)
-    known = {p.name for p in obj.parameters}
-    for section in sections:
-        if section.kind is not griffe.DocstringSectionKind.parameters:
+SECTION = re.compile(r"^([ \t]*)(?:Args|Arguments|Parameters|Other Parameters):[ \t]*$")
+GROUPED = re.compile(
+    r"^([ \t]*)([A-Za-z_*][\w*]*(?:[ \t]*,[ \t]*[A-Za-z_*][\w*]*)+)([ \t]*\([^)]*\))?:(.*)$"
+)
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def split_grouped_arguments(text: str) -> str:
+    """``a, b, c: description`` entries of Args sections as one entry per name."""
+    lines, out, i = text.split("\n"), [], 0
+    while i < len(lines):
+        out.append(lines[i])
+        m = SECTION.match(lines[i])
+        i += 1
+        if not m:
             continue
-        for entry in section.value:
-            for name in entry.name.split(","):
-                name = name.strip().lstrip("*")
-                if name and name not in known:
-                    LOG.warning(
-                        f"{obj.relative_filepath}:{obj.docstring.lineno}: the docstring of "
-                        f"{obj.path} documents {name!r}, which is not one of its parameters"
-                    )
+        base, entry = _indent(lines[i - 1]), None
+        while i < len(lines):
+            line = lines[i]
+            if not line.strip():  # a blank line ends the section unless it goes on after it
+                nxt = next((t for t in lines[i:] if t.strip()), "")
+                if _indent(nxt) <= base:
+                    break
+                out.append(line)
+                i += 1
+                continue
+            if _indent(line) <= base:
+                break
+            entry = _indent(line) if entry is None else entry
+            g = GROUPED.match(line) if _indent(line) == entry else None
+            if g is None:
+                out.append(line)
+                i += 1
+                continue
+            names = [n.strip() for n in g.group(2).split(",")]
+            out.append(f"{g.group(1)}{names[0]}{g.group(3) or ''}:{g.group(4)}")
+            i += 1
+            while i < len(lines) and lines[i].strip() and _indent(lines[i]) > entry:
+                out.append(lines[i])
+                i += 1
+            out += [f"{g.group(1)}{n}: See ``{names[0]}``." for n in names[1:]]
+    return "\n".join(out)
 
 
 class SphinxRoles(griffe.Extension):
@@ -106,7 +132,6 @@ class SphinxRoles(griffe.Extension):
             seen.add(id(obj))
             if obj.docstring is not None:
                 obj.docstring.value = convert(obj.docstring.value, obj, pkg)
-                check_arguments(obj)
             for member in obj.members.values():
                 if not member.is_alias:
                     visit(member)
