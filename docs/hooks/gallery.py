@@ -128,8 +128,8 @@ def execute(root: Path, name: str, argv: list[str], nominal: str, fast: bool) ->
         return Run(shown, info["output"], cache / "out", info["seconds"], cached=True)
     if fast:
         return Run(shown)
-    if cache.exists():
-        shutil.rmtree(cache)
+    for old in cache.parent.glob(f"{name}-*"):  # runs of older code
+        shutil.rmtree(old)
     (cache / "out").mkdir(parents=True)
     LOG.info(f"gallery: running {shown}")
     start = time.perf_counter()
@@ -169,6 +169,12 @@ def section_of(output: str, model: str) -> str:
     return "\n".join(lines)
 
 
+def figure_order(path: Path) -> tuple:
+    """The profile first, then the all-pairs matrix, then the rest by name."""
+    first = ("gsc_profile", "gsc_matrix")
+    return (first.index(path.stem) if path.stem in first else len(first), path.stem)
+
+
 def fenced(text: str, lang: str = "text", indent: str = "") -> str:
     body = "\n".join(indent + line if line else line for line in text.rstrip().splitlines())
     return f"{indent}```{lang}\n{body}\n{indent}```"
@@ -180,9 +186,14 @@ def page_markdown(root: Path, slug: str, page: Page, run: Run) -> tuple[str, lis
     md = [f"# {page.title}", "", docstring(src), ""]
     shown = run.shown
     if page.models:
+        nominal = shown.split("--out ")[-1]
+        shown = (
+            f"python {page.source.rsplit('/', 1)[0]}/run.py --models {' '.join(page.models)} "
+            f"--size {GALLERY_SIZE} --out {nominal}"
+        )
         md += [
-            f"Run for this page (the gallery's models at size `{GALLERY_SIZE}`), from the "
-            "repository root:",
+            f"Run for this page (at size `{GALLERY_SIZE}`; the build runs every gallery model "
+            "in one process), from the repository root:",
             "",
         ]
     else:
@@ -211,7 +222,8 @@ def page_markdown(root: Path, slug: str, page: Page, run: Run) -> tuple[str, lis
             ]
     else:
         when = "cached from an earlier build of the same code" if run.cached else "this build"
-        md += [f"Output ({run.seconds:.0f} s, {when}):", ""]
+        total = "all gallery models" if page.models else "the example"
+        md += [f"Output ({when}; {run.seconds:.0f} s for {total}):", ""]
         folders = [run.folder / m for m in page.models] if page.models else [run.folder]
         for model, folder in zip(page.models or (None,), folders, strict=True):
             if model is not None:
@@ -232,7 +244,7 @@ def page_markdown(root: Path, slug: str, page: Page, run: Run) -> tuple[str, lis
                     md += [f"- {line}" for line in data.get("report", [])] + [""]
             else:
                 md += [fenced(run.output), ""]
-            for fig in sorted(folder.glob("*.png")):
+            for fig in sorted(folder.glob("*.png"), key=figure_order):
                 sub = f"{slug}/{model}" if model else slug
                 uri = f"gallery/{sub}/{fig.name}"
                 assets.append((uri, fig))
