@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from doc_blocks import ROOT, all_blocks, blocks_of, run_blocks
+from doc_blocks import ROOT, CodeBlock, all_blocks, blocks_of, run_blocks
 
 BLOCKS = all_blocks()
 HOOKS = ROOT / "docs" / "hooks"
@@ -100,10 +100,18 @@ def test_mkdocs_build_strict(tmp_path):
 # -- the code blocks -------------------------------------------------------------------------
 
 
+# blocks that check the runner itself (run in the same process as the docs' blocks)
+SELF_TEST = [
+    CodeBlock("self-test.md", 1, "import math\nassert math.pi > 3\n", True),
+    CodeBlock("self-test.md", 5, "raise ValueError('from the block')\n", True),
+    CodeBlock("self-test.md", 9, "print(math)\n", True),  # math was another block's import
+]
+
+
 @pytest.fixture(scope="module")
 def block_results():
     """Every block run once, in one fresh process (see tests/doc_blocks.py)."""
-    return run_blocks(BLOCKS)
+    return run_blocks(BLOCKS + SELF_TEST)
 
 
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.run], ids=lambda b: b.id)
@@ -133,16 +141,11 @@ def test_no_test_marker(tmp_path):
     assert [(b.code, b.run) for b in got] == [("x = 1\n", True), ("raise SystemExit\n", False)]
 
 
-def test_block_runner_reports_failures():
-    from doc_blocks import CodeBlock
-
-    good = CodeBlock("x.md", 1, "import math\nassert math.pi > 3\n", True)
-    bad = CodeBlock("x.md", 5, "raise ValueError('from the block')\n", True)
-    leak = CodeBlock("x.md", 9, "print(math)\n", True)  # math was imported by another block
-    got = run_blocks([good, bad, leak])
-    assert got["x.md:1"]["error"] is None
-    assert "from the block" in got["x.md:5"]["error"]
-    assert "NameError" in got["x.md:9"]["error"]
+def test_block_runner_reports_failures(block_results):
+    """A failing block is reported with its error, and blocks share no namespace."""
+    assert block_results["self-test.md:1"]["error"] is None
+    assert "from the block" in block_results["self-test.md:5"]["error"]
+    assert "NameError" in block_results["self-test.md:9"]["error"]
 
 
 # -- facts the pages state -------------------------------------------------------------------
