@@ -1,12 +1,13 @@
 """Where first contact spends its time: tracing, lowering, XLA compiling, running.
 
 Run by hand:
-    python benchmarks/profile_compile.py readme            # each python block of README.md
+    python benchmarks/profile_compile.py readme            # each python block of README, docs/
     python benchmarks/profile_compile.py analyses [--size small] [--analyses NAME ...]
     python benchmarks/profile_compile.py tests [tests/test_x.py ...]
     ... [--cache DIR]   # with JAX's persistent compilation cache in DIR (run twice: warm)
 
-Every item runs in a fresh Python process (a README block as a script; an analysis as
+Every item runs in a fresh Python process (a code block of README.md or docs/ as a script,
+those marked ``<!-- no-test -->`` left out, as tests/test_docs.py does; an analysis as
 ``jacobian-lab report --analyses NAME``; a test module under ``pytest -n 0``) with JAX's
 ``log_compiles`` messages collected, and one row is printed per item: its wall seconds,
 the seconds JAX spent tracing (jaxpr building, ``Finished tracing``), lowering to MLIR and
@@ -85,16 +86,22 @@ def _child(kind: str, item: str, out: str, size: str) -> None:
 
 
 def readme_blocks() -> list[pathlib.Path]:
-    """The ``python`` blocks of README.md, each written to a file under build/."""
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    """The ``python`` blocks of README.md and docs/ (not those marked ``<!-- no-test -->``
+    on the line above), each written to a file under build/."""
+    fence = re.compile(r"^```python[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
     folder = ROOT / "build" / "readme_blocks"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, code in enumerate(blocks):
-        p = folder / f"block{i + 1}.py"
-        p.write_text(code)
-        paths.append(p)
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        text = page.read_text()
+        for m in fence.finditer(text):
+            if text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1].strip() == "<!-- no-test -->":
+                continue
+            line = text.count("\n", 0, m.start()) + 1
+            name = str(page.relative_to(ROOT)).replace("/", "_").removesuffix(".md")
+            p = folder / f"{name}_{line}.py"
+            p.write_text(m.group(1))
+            paths.append(p)
     return paths
 
 

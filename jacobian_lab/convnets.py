@@ -153,7 +153,8 @@ def convnet(
     Args:
         weight_init: one of :data:`CONV_INITIALIZERS` (default He); ``sigma_w`` scales
             ``"gaussian"``, ``"orthogonal"`` and ``"delta_orthogonal"``.
-        Other arguments as in :func:`jacobian_lab.mlp`.
+
+    Other arguments as in :func:`jacobian_lab.mlp`.
     """
     fields = locals()  # every argument is the field of that name, but these two
     return ConvNetwork(width=fields.pop("channels"), in_dim=fields.pop("in_channels"), **fields)

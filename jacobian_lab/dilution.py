@@ -16,7 +16,7 @@ as the linear part and the branch ``r`` as the remainder, is the same formula wi
 ``k = Q||s|| / Q||r||`` (:func:`jacobian_lab.block_gsc` uses it per sample).
 
 What was reconstructed: the paper's full text could not be read here (only its abstract
-and summaries; see README, "Fidelity to the papers"). The abstract names the residual
+and summaries; see docs/fidelity.md). The abstract names the residual
 trick and dilution. The ``k`` above and formula (*) follow from the Pythagorean argument
 that the library already checks for ResNet blocks (:func:`~jacobian_lab.block_gsc`, where
 ``rho = ||r|| / ||s|| = 1 / k``). The paper does not fix how ``S`` is chosen for a layer

@@ -500,6 +500,7 @@ def resmlp(
         order: step order inside each branch layer; the default ``"norm-act-linear"``
             is the pre-activation ResNet of He et al. (2016).
         depth: deprecated alias of ``num_blocks``.
-        Other arguments as in :func:`mlp`.
+
+    Other arguments as in :func:`mlp`.
     """
     return Network(**residual_fields("resmlp", locals(), "width"))  # fields of these names

@@ -9,7 +9,7 @@ On CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (set before JAX s
 gives four host devices, which is how the tests check that the sharded sweep returns the
 unsharded numbers. On several hosts, call ``jax.distributed.initialize()`` first on every
 process and pass ``devices=jax.devices()`` (all processes' devices); every process must
-pass the same inputs (see the README, "Sweeps across hosts"). ``tests/test_multihost.py``
+pass the same inputs (see docs/scale.md, "Sweeps across hosts"). ``tests/test_multihost.py``
 runs that with two processes on localhost (CPU collectives over gloo, JAX's default) and
 checks the gathered result against one process's.
 """

@@ -272,7 +272,8 @@ def train_runs(
         learning_rates: ``(R,)`` one per run (traced: changing them does not recompile).
         optimizer: one name for all runs, or one per run (SGD and Adam runs then share
             one compiled program).
-        Other arguments as in :func:`train`.
+
+    Other arguments as in :func:`train`.
 
     Returns:
         :class:`History` with a leading axis ``R`` on every field.

@@ -3,7 +3,7 @@
 Philipp, Song & Carbonell (arXiv 1712.05577) measure MLPs of depth 50 and width 100 with
 ReLU, tanh and SeLU, each with no normalization, layer norm or batch norm; a ReLU network
 with the looks-linear initialization; and the ResNet versions of these. The full text was
-not available to this project (see README, "Fidelity to the papers"): the variance
+not available to this project (see docs/fidelity.md): the variance
 choices and block layout below are the standard ones and are stated here so that results
 can be compared knowing exactly what was run:
 

@@ -3,8 +3,8 @@
     python tests/multihost_worker.py --process-id 0 --port 12345 --out g0.npy &
     python tests/multihost_worker.py --process-id 1 --port 12345 --out g1.npy
 
-The block between the ``recipe`` markers is the README's multi-host recipe ("Sweeps across
-hosts"), verbatim (the test checks that). The test gives each process 2 CPU devices
+The block between the ``recipe`` markers is the multi-host recipe of docs/scale.md ("Sweeps
+across hosts"), verbatim (the test checks that). The test gives each process 2 CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=2``), so the 6 seeds lie on 4 devices
 in 2 processes (padded to 8). JAX's CPU collectives across processes use gloo, the default
 of ``jax_cpu_collectives_implementation`` in jax 0.10: no flag is needed.

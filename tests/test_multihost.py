@@ -1,6 +1,6 @@
 """A seed sweep over two JAX processes on localhost (``jax.distributed``, CPU collectives
-over gloo) gathers to the single-process numbers; the README's multi-host recipe is the
-code the processes run."""
+over gloo) gathers to the single-process numbers; the docs' multi-host recipe
+(docs/scale.md, "Sweeps across hosts") is the code the processes run."""
 
 import json
 import os
@@ -99,10 +99,10 @@ def test_two_process_sweep_gathers_to_the_single_process_one(tmp_path):
         np.testing.assert_allclose(np.load(out), single, rtol=1e-12)
 
 
-def test_readme_multihost_recipe_is_the_worker():
-    """The README's multi-host code block is the worker's recipe block, verbatim."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("**Sweeps across hosts.**") :]
+def test_docs_multihost_recipe_is_the_worker():
+    """The multi-host code block of docs/scale.md is the worker's recipe block, verbatim."""
+    page = (ROOT / "docs" / "scale.md").read_text()
+    section = page[page.index("**Sweeps across hosts.**") :]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     worker = WORKER.read_text()
     recipe = worker[worker.index("# recipe start\n") : worker.index("# recipe end")]
