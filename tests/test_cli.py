@@ -160,3 +160,11 @@ def test_inspect_writes_page_figures_json_and_csv(tmp_path, capsys):
     assert main(["inspect", f"{tmp_path / 'models.py'}:nothing", "--no-cache"]) == 2
     err = capsys.readouterr().err
     assert "models.py has no function 'nothing'; its functions: " in err and "make" in err
+
+
+def test_report_help_names_every_analysis(capsys):
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ANALYSES:
+        assert name in text, name

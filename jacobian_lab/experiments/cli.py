@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--analyses",
         nargs="+",
         metavar="NAME",
-        help="which analyses (default: all): gsc_across_depth, pythagorean, "
-        "norm_preservation, collapsing_domain, jacobian_spectra, path_lengths, "
-        "theory_validation, trainability",
+        help="which analyses (default: all): gsc_across_depth, normalization, "
+        "vanishing_gradients, pythagorean, residual_trick, norm_preservation, path_lengths, "
+        "collapsing_domain, jacobian_spectra, theory_validation, trainability, transformers",
     )
     add_analysis_arguments(p, default_out="results/report")
     p.set_defaults(func=cmd_report)
