@@ -511,7 +511,11 @@ def inspect(
         if dense is None:
             dense = _resolves_dense(model, p, x, method, memory_budget)
         gscs.append(np.exp(log_g))
-        growths.append(_np(growth_rate(jnp.asarray(log_g), log=True).rate))
+        try:
+            growths.append(_np(growth_rate(jnp.asarray(log_g), log=True).rate))
+        except ValueError as e:  # a zero Jacobian product (the notes name the layer)
+            growths.append(np.full(log_g.shape[0], np.nan))
+            _note(notes, f"no growth rate for seed {i + 1}: {e}")
         cols["length"] = np.median(_lengths(model, p, x), axis=0)
         cols["gsc"] = np.exp(np.median(log_g, axis=0))
         dom = _quiet(domain_statistics, notes, model, p, x)
@@ -560,7 +564,7 @@ def inspect(
     rows = []
     if remedies:
         say("remedies: measuring the model as it is")
-        before = _quiet(summary_metrics, notes, model, seeds[0], x, method=method, **kw)
+        before = _measure(model, seeds[0], x, notes, method=method, **kw) or {}
         for name in remedies:
             say(f"remedy: {name}")
             rows.append(
@@ -671,6 +675,10 @@ def _findings(model, labels, blocks, columns, gsc_all, growth, theory) -> list[F
     out = []
     L = len(labels) - 1
     rates = growth.reshape(-1)
+    if not np.isfinite(rates).all():  # no fit where a Jacobian product is zero
+        rates = rates[np.isfinite(rates)]
+    if rates.size == 0:
+        rates = np.array([np.nan])
     lo, hi = np.quantile(rates, [0.05, 0.95])
     rate = float(np.median(rates))
     g_L = float(np.median(gsc_all[..., -1]))

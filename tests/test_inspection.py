@@ -180,3 +180,16 @@ def test_bad_arguments_name_the_fix(key):
         jl.inspect(net, None, _x())
     with pytest.raises(ValueError, match="method must be"):
         jl.inspect(net, net.init(key), _x(), method="exact")
+
+
+def test_a_saturated_network_is_inspected_without_a_growth_rate(key):
+    """tanh at sigma_w = 1e4 in float32: tanh' rounds to 0, so GSC(k, 0) is exactly 0
+    beyond the first layer. No rate can be fitted: the growth is NaN, no gradient finding
+    is made, and the notes carry the underflow warning naming the layer."""
+    net = jl.mlp(4, WIDTH, "tanh", sigma_w=1e4)
+    x = _x().astype(jnp.float32)
+    ins = jl.inspect(net, net.init(key), x, remedies=())
+    assert np.isnan(ins.growth).all()
+    assert not {"exploding_gradients", "vanishing_gradients"} & {f.name for f in ins.findings}
+    assert any(n.startswith("UnderflowWarning") and "f_" in n for n in ins.notes)
+    assert any("no growth rate" in n for n in ins.notes)

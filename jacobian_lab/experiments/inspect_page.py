@@ -301,9 +301,10 @@ def run(args, log: Callable[[str], None]) -> int:
     for r in ins.remedies:
         if r.applies:
             print(
-                f"remedy {r.name}: GSC(L, 0) {r.before['gsc_L']:.4g} -> "
+                f"remedy {r.name}: GSC(L, 0) {r.before.get('gsc_L', math.nan):.4g} -> "
                 f"{r.after.get('gsc_L', math.nan):.4g}, growth rate "
-                f"{r.before['growth_rate']:.4f} -> {r.after.get('growth_rate', math.nan):.4f}"
+                f"{r.before.get('growth_rate', math.nan):.4f} -> "
+                f"{r.after.get('growth_rate', math.nan):.4f}"
             )
         else:
             print(f"remedy {r.name}: does not apply ({r.why})")
