@@ -110,6 +110,7 @@ from jacobian_lab.spectra import (
     spectral_density,
     spectrum_summary,
 )
+from jacobian_lab.tables import to_frame, to_records
 from jacobian_lab.tokens import (
     TokenStats,
     TokenWarning,
@@ -250,6 +251,8 @@ __all__ = [
     "spectrum_summary",
     "summary_metrics",
     "tap",
+    "to_frame",
+    "to_records",
     "token_cosine",
     "token_statistics",
     "train",

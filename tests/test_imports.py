@@ -37,6 +37,7 @@ LEVELS = {
     "dilution": 5,
     "spectra": 5,
     "tokens": 5,
+    "tables": 5,
     "meanfield": 6,
     "random_matrix": 6,
     "training": 6,
