@@ -657,9 +657,10 @@ def gsc_over_seeds(
             "keys holds no seeds (a leading axis of length 0): pass "
             "jax.random.split(jax.random.PRNGKey(0), n_seeds) with n_seeds >= 1"
         )
-    # Parameters are drawn outside the sharded program: compiling the draw into it made
-    # XLA's compile of the looks-linear (batched QR) initializer hang on CPU.
-    params = jax.vmap(init)(keys)
+    # Parameters are drawn outside the sharded program and one seed at a time (a Python
+    # loop over the seeds; init compiles once): a batched draw, under vmap, makes XLA's
+    # compile of the looks-linear initializer's batched QR hang on CPU (width 100).
+    params = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[init(k) for k in keys])
     params0 = jax.tree_util.tree_map(lambda a: a[0], params)
     xs = prepare(net, params0, x)
     if choose_method(method, dense_gsc_bytes(net, params0, xs), memory_budget) == "dense":

@@ -155,7 +155,9 @@ def compute(unit: dict) -> dict:
     net = dataclasses.replace(net, in_dim=data.x_train.shape[1])
     seeds = unit["seeds"]
     init_keys = jax.random.split(jax.random.PRNGKey(0), seeds)
-    init = jax.vmap(net.init)(init_keys)
+    # one seed at a time: a batched draw (vmap of init) makes XLA's compile of the
+    # looks-linear initializer's batched QR hang on CPU
+    init = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[net.init(k) for k in init_keys])
     runs = [(o, lr, s) for o, lrs in unit["lrs"].items() for lr in lrs for s in range(seeds)]
     pick = np.array([s for _, _, s in runs])
     params = jax.tree_util.tree_map(lambda a: a[pick], init)
