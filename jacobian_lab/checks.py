@@ -127,8 +127,9 @@ def memory_checked(what: str, fix: str, *, static_argnums=(), static_argnames=()
     arguments, the program is compiled first (``lower(...).compile()``) and refused with a
     ``MemoryError`` naming ``what``, the sizes and ``fix`` (the matrix-free alternative)
     when its buffers cannot fit (:func:`require_memory`), before anything is allocated.
-    The compiled program is kept per static values and argument shapes and called
-    directly, so the check costs no second trace and a repeated call a dictionary look-up.
+    The measured sizes are kept per static values and argument shapes, so a repeated call
+    costs a dictionary look-up (the first call traces the program twice: the check's
+    compile is reused from JAX's cache).
     Under a transformation (traced arguments) it is plain ``jax.jit``: the enclosing
     program is what gets allocated."""
     argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
@@ -136,7 +137,7 @@ def memory_checked(what: str, fix: str, *, static_argnums=(), static_argnames=()
 
     def wrap(fn):
         jitted = jax.jit(fn, static_argnums=argnums, static_argnames=argnames)
-        programs: dict = {}
+        sizes: dict = {}
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
@@ -153,15 +154,16 @@ def memory_checked(what: str, fix: str, *, static_argnums=(), static_argnames=()
                 hash(key)
             except TypeError:  # an unhashable static value: jax.jit would refuse it too
                 key = None
-            compiled = programs.get(key) if key is not None else None
-            if compiled is None:
-                compiled = jitted.lower(*args, **kwargs).compile()
-                require_memory(compiled_memory(compiled), what, fix)
+            if key is None or key not in sizes:
+                measured = compiled_memory(jitted.lower(*args, **kwargs).compile())
                 if key is not None:
-                    if len(programs) > 256:
-                        programs.clear()
-                    programs[key] = compiled
-            return compiled(*dynamic, **dynamic_kw)
+                    if len(sizes) > 4096:
+                        sizes.clear()
+                    sizes[key] = measured
+            require_memory(measured if key is None else sizes[key], what, fix)
+            # the call finds the program compiled above in JAX's cache; only its sizes are
+            # kept here, so that jax.clear_caches() frees every compiled program
+            return jitted(*args, **kwargs)
 
         call.lower = jitted.lower
         return call

@@ -35,3 +35,12 @@ def _fresh_compilation_caches():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Free every compiled program after each test module: a worker process runs many
+    modules, and their programs kept alive together ran it out of memory for LLVM's code
+    (a crash in a late module); the persistent cache serves a program needed again."""
+    yield
+    jax.clear_caches()

@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+import jax
+
 from jacobian_lab import REMEDIES, __version__
 from jacobian_lab.compilation_cache import enable_compilation_cache
 from jacobian_lab.experiments.report import (
@@ -65,6 +67,10 @@ def cmd_report(args: argparse.Namespace) -> int:
             for v in result.verdicts:
                 _log(f"   {v.line}")
             write_report(out, results)  # a partial report survives an interrupt
+            # free the finished analysis's compiled programs: kept all through the report,
+            # their code mappings ran the process out of memory for LLVM (a crash in the
+            # last analysis); a later analysis needing one loads it from the disk cache
+            jax.clear_caches()
     pages = write_report(out, results)
     print(f"jacobian_lab report ({args.size}) in {time.perf_counter() - t0:.0f}s")
     for r in results:
