@@ -22,6 +22,10 @@ tradeoffs, and solutions"):
   residual trick made real (Section 4.3), with the dilution ``k`` each skip buys
   (:func:`~jacobian_lab.dilution`).
 
+Each remedy row carries its prediction beside the measurement (:attr:`Remedy.predicted`):
+the Pythagorean equation of the paper for branch scaling and skips, the mean-field growth
+rate for the weight scale.
+
 A remedy is applied by a front-end model, :class:`Remedied`, over the same stages and the
 same params (plus the remedy's scalars as params, so a search over ``c`` reuses one
 compiled program); no diagnostic knows about it.
@@ -125,6 +129,16 @@ class Remedy(NamedTuple):
         before, after: the metrics of :func:`summary_metrics` (medians over seeds and
             samples); ``after`` is empty when the remedy does not apply.
         why: a sentence.
+        predicted: what theory predicts ``after`` to be, from the model as it is: for
+            ``branch_scale`` and ``skips``, ``gsc_L``, ``log10_gsc_L`` and
+            ``growth_rate`` from the Pythagorean equation (each block's GSC from its
+            measured branch GSC and its branch ratio, scaled by ``alpha`` or, for a new
+            skip, the layer's measured GSC and ratio ``||f_l|| / ||f_{l+1}||``; see
+            :func:`_pythagorean_block`), first order: the inputs of the layers after a
+            changed block are taken as they were; for ``weight_scale``, the mean-field
+            ``growth_rate`` at the scale found, where the theory covers the model. Empty
+            where there is no prediction (``prediction`` says why).
+        prediction: how ``predicted`` was obtained, or why there is none.
     """
 
     name: str
@@ -133,6 +147,8 @@ class Remedy(NamedTuple):
     before: dict
     after: dict
     why: str
+    predicted: dict = {}  # noqa: RUF012 (never mutated: each Remedy gets its own dict)
+    prediction: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -776,6 +792,39 @@ def _measure(model, params, x, notes, **kw) -> dict | None:
         return None
 
 
+def _pythagorean_block(skip_gsc2, branch_gsc, ratio):
+    """A block's GSC from the Pythagorean equation: ``sqrt((g_s^2 + g_r^2 rho^2) / (1 +
+    rho^2))`` for a skip of GSC ``g_s`` (1 for the identity; here squared) and a branch of
+    GSC ``g_r`` and length ratio ``rho = ||r|| / ||s||`` (Philipp et al., arXiv
+    1712.05577; :class:`~jacobian_lab.BlockGSC`)."""
+    return np.sqrt((skip_gsc2 + (branch_gsc * ratio) ** 2) / (1 + ratio**2))
+
+
+def _predict(model, params, x, notes, change: dict, **kw) -> tuple[dict, str]:
+    """The metrics of :func:`summary_metrics` that follow when the GSC across each block
+    ``l`` (GSC-paper index of its output) changes by the factor ``change[l]`` (per
+    sample, ``(S,)``) and nothing else does: ``GSC(k, 0)`` gains the factors of the
+    blocks below ``k``. Returns ``({}, why)`` where a factor is not finite."""
+    factors = np.stack(list(change.values()), axis=1) if change else np.zeros((1, 0))
+    if not np.all(np.isfinite(factors)) or not np.all(factors > 0):
+        return {}, "no prediction: a block's predicted GSC is not finite (a zero branch?)"
+    log_g = _np(_quiet(gsc, notes, model, params, x, log=True, **kw)).astype(np.float64)
+    for l, f in change.items():
+        log_g[:, l + 1 :] += np.log(f)[:, None]
+    rate = _np(growth_rate(jnp.asarray(log_g), log=True).rate)
+    out = {
+        "gsc_L": float(np.exp(np.median(log_g[:, -1]))),
+        "log10_gsc_L": float(np.median(log_g[:, -1]) / np.log(10)),
+        "growth_rate": float(np.median(rate)),
+    }
+    return out, ""
+
+
+_FIRST_ORDER = (
+    " (first order: the layers after a changed block are taken to see the inputs they saw before)"
+)
+
+
 def _branch_scale(model, params, x, before, notes, *, alpha, **kw) -> Remedy:
     n = len(model.block_outputs)
     if n == 0:
@@ -786,7 +835,29 @@ def _branch_scale(model, params, x, before, notes, *, alpha, **kw) -> Remedy:
     why = f"every residual branch multiplied by alpha = {a:.4g}" + (
         " (1/sqrt of the number of blocks)" if alpha is None else ""
     )
-    return Remedy("branch_scale", True, {"alpha": a, "blocks": n}, before, after, why)
+    predicted, how = {}, "no prediction: it needs the blocks' Jacobians (the dense method)"
+    if _resolves_dense(model, params, x, kw.get("method", "auto"), kw.get("memory_budget")):
+        try:
+            bg = _quiet(block_gsc, notes, model, params, x)
+            g_r, rho, pred, meas = (
+                _np(v).astype(np.float64)
+                for v in (bg.branch_gsc, bg.branch_ratio, bg.predicted, bg.gsc)
+            )
+            g_s2 = pred**2 * (1 + rho**2) - (g_r * rho) ** 2  # the skip's GSC, squared
+            new = _pythagorean_block(g_s2, g_r, a * rho)
+            change = {l: new[:, b] / meas[:, b] for b, l in enumerate(model.block_outputs)}
+            predicted, how = _predict(model, params, x, notes, change, **kw)
+            how = how or (
+                "each block's GSC from the Pythagorean equation with its branch ratio rho "
+                "scaled by alpha and its branch GSC kept" + _FIRST_ORDER
+            )
+            if any(model.block_posts):
+                predicted, how = {}, "no prediction: blocks with a post are not skip + branch"
+        except (FloatingPointError, ValueError, MemoryError) as e:
+            how = f"no prediction: {e}"
+    return Remedy(
+        "branch_scale", True, {"alpha": a, "blocks": n}, before, after, why, predicted, how
+    )
 
 
 def _stage_layers(model) -> list[tuple[int, int, int]]:
@@ -887,7 +958,15 @@ def _weight_scale(model, params, x, before, notes, *, alpha, **kw) -> Remedy:
         "the stage is closest to 1 (within 1% per layer, the forward lengths' growth closest "
         "to 1 decides; 17 scales in [0.25, 4], refined)"
     )
-    return Remedy("weight_scale", True, setting, before, after, why)
+    predicted, how = {}, "no prediction: the mean-field theory does not cover this model"
+    if _theory(model, x) and len(stages) == 1:
+        c = float(found[stages[0][0]])
+        scaled = dataclasses.replace(model, sigma_w=model.sigma_w * c)
+        rate = _theory(scaled, x).get("growth_rate")
+        if rate is not None:
+            predicted = {"growth_rate": rate}
+            how = f"the mean-field GSC growth rate at sigma_w = {scaled.sigma_w:.4g} (c = {c:.4g})"
+    return Remedy("weight_scale", True, setting, before, after, why, predicted, how)
 
 
 def _critical_scale(model) -> float | None:
@@ -949,7 +1028,28 @@ def _skips(model, params, x, before, notes, *, alpha, **kw) -> Remedy:
         f"an identity skip around each of {added} plain layer(s) "
         "whose output has its input's shape: the residual trick made real"
     )
-    return Remedy("skips", True, setting, before, after, why)
+    predicted, how = {}, "no prediction: it needs the layers' Jacobians (the dense method)"
+    if _resolves_dense(model, params, x, kw.get("method", "auto"), kw.get("memory_budget")):
+        try:
+            G = _np(_quiet(gsc_matrix, notes, model, params, x, log=True)).astype(np.float64)
+            g = np.exp(np.diagonal(G, -1, 1, 2))  # (S, L): GSC(l+1, l), the layer of f_l
+            lengths = _lengths(model, params, x)
+            new_blocks = sorted(set(m.block_outputs) - set(model.block_outputs))
+            change = {}
+            for l in new_blocks:
+                rho = lengths[:, l] / lengths[:, l + 1]  # the layer's output over its input
+                change[l] = _pythagorean_block(1.0, g[:, l], rho) / g[:, l]
+                for row in setting["layers"]:
+                    if row["layer"] == model.names[model.num_layers - 1 - l]:
+                        row["predicted_k"] = float(np.median(1 / rho))
+            predicted, how = _predict(model, params, x, notes, change, **kw)
+            how = how or (
+                "each new block's GSC from the Pythagorean equation with the layer's GSC as "
+                "the branch's and rho = ||f_l|| / ||f_{l+1}||" + _FIRST_ORDER
+            )
+        except (FloatingPointError, ValueError, MemoryError) as e:
+            how = f"no prediction: {e}"
+    return Remedy("skips", True, setting, before, after, why, predicted, how)
 
 
 _REMEDY = {"branch_scale": _branch_scale, "weight_scale": _weight_scale, "skips": _skips}

@@ -156,7 +156,8 @@ def _stack(values, name: str, what: str, max_ndim: int = 3) -> np.ndarray:
 
 
 def _integer_ticks(ax: Axes) -> None:
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # round steps (1, 2, 5, 10 times a power of ten): layers 0, 10, 20, ... not 0, 6, 12
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
 
 
 def _log_ticks(axis, lo: float, hi: float) -> None:
@@ -194,6 +195,7 @@ def gsc_profile(
     *,
     theory: np.ndarray | Callable | None = None,
     label: str | None = None,
+    style: dict | None = None,
 ) -> Axes:
     """The GSC from every layer to the output, ``GSC(k, 0)`` against ``k``, on a log axis.
 
@@ -215,15 +217,19 @@ def gsc_profile(
             :func:`jacobian_lab.meanfield.gsc_profile`) or a callable taking the layer
             indices ``k`` (an int array ``0 .. L``) to ``GSC(k, 0)`` (e.g.
             ``lambda k: r**k`` with ``r`` from :func:`jacobian_lab.gsc_growth_rate`);
-            drawn black and dotted.
+            drawn black and dotted (in the profile's colour, unlabelled, when ``style``
+            is given: several profiles with their theories on one Axes).
         label: legend entry of the measured profile.
+        style: line properties of the measured profile (``color``, ``linestyle``; e.g.
+            :func:`series_style`), default the Axes' next colour.
 
     Returns:
         The Axes. Layer ``k = 0`` is the output (``GSC(0, 0) = 1``), ``k = L`` the input,
         as in the GSC paper and :func:`jacobian_lab.gsc`.
     """
     with _axes(ax, (COLUMN_WIDTH, 2.4)) as ax:
-        style = _style(len(ax.lines))
+        own = style is not None
+        style = dict(style) if own else _style(len(ax.lines))
         if isinstance(gsc, Estimate):
             value = _stack(gsc.value, "gsc", "an Estimate with fields (L+1,) or (S, L+1)", 2)
             error = _stack(gsc.error, "gsc", "an Estimate with fields (L+1,) or (S, L+1)", 2)
@@ -251,7 +257,10 @@ def gsc_profile(
                     f"theory must give GSC(k, 0) for k = 0 .. {k[-1]}, shape {k.shape}; "
                     f"got shape {t.shape}"
                 )
-            ax.plot(k, t, label="theory", **THEORY_STYLE)
+            if own:
+                ax.plot(k, t, **{**THEORY_STYLE, "color": style["color"]})
+            else:
+                ax.plot(k, t, label="theory", **THEORY_STYLE)
         _log_scale(ax, "y")
         _integer_ticks(ax)
         ax.set_xlabel("layer k (0 = output, L = input)")
@@ -597,7 +606,9 @@ def remedies(
 
     * ``name``: the remedy (a string; the row's tick label);
     * ``before``, ``after``: mappings from a metric name (e.g. ``"gsc"``,
-      ``"growth_rate"``, ``"cosine"``) to a number, measured without and with the remedy.
+      ``"growth_rate"``, ``"cosine"``) to a number, measured without and with the remedy;
+    * optionally ``predicted``: a mapping of the same kind, what theory predicts ``after``
+      to be (:class:`~jacobian_lab.inspection.Remedy`), drawn as a cross.
 
     A metric missing from a row, or NaN there, is left out for that row.
 
@@ -615,7 +626,7 @@ def remedies(
     """
     if isinstance(rows, Mapping) or not isinstance(rows, Sequence) or not rows:
         raise ValueError("rows must be a non-empty sequence of remedies (name, before, after)")
-    names, before, after = [], [], []
+    names, before, after, predicted = [], [], [], []
     for i, row in enumerate(rows):
         fields = {key: _field(row, key) for key in ("name", "before", "after")}
         missing = [key for key, v in fields.items() if v is _MISSING]
@@ -627,6 +638,10 @@ def remedies(
         try:
             before.append({m: float(v) for m, v in b.items()})
             after.append({m: float(v) for m, v in a.items()})
+            pr = _field(row, "predicted")
+            predicted.append(
+                {} if pr is _MISSING or pr is None else {m: float(v) for m, v in pr.items()}
+            )
         except (TypeError, ValueError):
             raise ValueError(f"rows[{i}] ({name!r}): metric values must be numbers") from None
         names.append(str(name))
@@ -651,7 +666,10 @@ def remedies(
                 a.plot([bi, ci], [yi, yi], color="0.6", lw=0.8)
             a.plot(b, y, "o", ms=4, mfc="white", color=_style(1)["color"], label="before")
             a.plot(c, y, "o", ms=4, color=_style(0)["color"], label="after")
-            v = np.concatenate([b, c])
+            pr = np.array([d.get(metric, np.nan) for d in predicted])
+            if np.isfinite(pr).any():
+                a.plot(pr, y, "x", ms=5, color=_style(2)["color"], label="predicted")
+            v = np.concatenate([b, c, pr])
             v = v[np.isfinite(v)]
             if v.size and np.all(v > 0) and v.max() > 10 * v.min():
                 _log_scale(a, "x")
@@ -659,5 +677,13 @@ def remedies(
             a.set_yticks(y, names)
             a.set_ylim(len(names) - 0.5, -0.5)  # the first row on top
         # above the first panel: paired points fill the panels' width
-        axes[0].legend(frameon=False, ncol=2, loc="lower left", bbox_to_anchor=(0.0, 1.0))
+        handles = {h.get_label(): h for a in axes for h in a.get_lines() if h.get_label()[0] != "_"}
+        axes[0].legend(
+            handles.values(),
+            handles.keys(),
+            frameon=False,
+            ncol=3,
+            loc="lower left",
+            bbox_to_anchor=(0.0, 1.0),
+        )
     return axes[0] if len(metrics) == 1 else fig

@@ -126,6 +126,36 @@ def test_weight_scale_search_finds_the_critical_tanh_network(key):
     assert abs(math.log(row.after["growth_rate"])) < abs(math.log(row.before["growth_rate"]))
     assert "exploding_gradients" in {f.name for f in ins.findings}
     assert ins.theory["growth_rate"] > 1
+    # the prediction beside it: the mean-field rate at the scale found
+    want = jl.gsc_growth_rate("tanh", 2.5 * stage["c"], 0.0, "none")
+    assert row.predicted["growth_rate"] == pytest.approx(float(want), rel=1e-9)
+
+
+@pytest.mark.parametrize("remedy", ["branch_scale", "skips"])
+def test_pythagorean_prediction_of_a_remedy_that_changes_one_block(key, remedy):
+    """Where a remedy changes one block, the last (a tanh ResNet of one block; a tanh MLP
+    whose only same-shape layer is its last), no later layer sees a changed input and the
+    prediction of the remedy is the Pythagorean equation alone, exact up to the cross terms
+    it drops (the Jacobian's trace, the skip-branch inner product: O(1/sqrt(width))).
+    Width 256, 8 samples, a chaotic tanh (sigma_w = 2.5): within 3% in GSC(L, 0), while
+    the remedy itself changes it by more than 10%. (Past the first block a remedy also
+    changes the inputs of the layers after it, which the first-order prediction leaves
+    out: its documented limit.)"""
+    width = 256
+    if remedy == "branch_scale":
+        net = jl.resmlp(1, width, "tanh", sigma_w=2.5, in_dim=64, dtype="float64")
+    else:
+        net = jl.mlp(2, width, "tanh", sigma_w=2.5, in_dim=64, dtype="float64")
+    x = _x(8, 64)
+    ins = jl.inspect(net, net.init(key), x, remedies=(remedy,), alpha=0.2, method="dense")
+    (row,) = ins.remedies
+    assert row.applies and row.predicted, row.prediction
+    before, after, pred = row.before["gsc_L"], row.after["gsc_L"], row.predicted["gsc_L"]
+    assert abs(math.log(after / before)) > math.log(1.1)  # the remedy changes the GSC ...
+    assert pred == pytest.approx(after, rel=0.03)  # ... and the prediction follows it
+    if remedy == "skips":
+        (layer,) = row.setting["layers"]
+        assert layer["predicted_k"] == pytest.approx(layer["dilution_k"], rel=0.1)
 
 
 def test_a_remedy_that_does_not_apply_says_why(key):

@@ -206,6 +206,11 @@ def test_remedies_pair_before_and_after_per_row(seeds, tmp_path):
         P.remedies(rows, ax=fig.axes[0])
     with pytest.raises(ValueError, match=r"rows\[0\]"):
         P.remedies([{"name": "no after", "before": {"gsc": 1.0}}])
+    rows[0]["predicted"] = {"gsc": 1.4}  # optional: drawn where a row has it
+    ax = P.remedies(rows, metrics=["gsc"])
+    np.testing.assert_allclose(_line(ax, "predicted").get_xdata()[0], 1.4, RTOL)
+    assert np.isnan(_line(ax, "predicted").get_xdata()[1])
+    assert "predicted" in [t.get_text() for t in ax.get_legend().get_texts()]
 
 
 def test_wrong_inputs_raise_errors_naming_the_argument(mlp):

@@ -7,6 +7,8 @@ with standard errors beside the exact values.
     python examples/gallery/run.py --size small --out results/gallery
     python examples/gallery/run.py --models vit_equinox gpt2_nnx --size tiny
 
+    jacobian-lab inspect examples/gallery/run.py:vit_equinox --out results/inspect/vit
+
 Writes, per model, ``<model>/numbers.json`` and the figures ``gsc_profile``,
 ``gsc_matrix`` and ``blocks`` (PDF and PNG); progress goes to standard error.
 """
@@ -119,6 +121,26 @@ def plot(numbers: dict, folder: pathlib.Path) -> list[pathlib.Path]:
             ax.set_xticks(np.arange(len(blocks)), blocks, rotation=60, ha="right", fontsize=5)
         paths += jl.plot.save_figure(fig, folder / "blocks")
     return paths
+
+
+# Factories for ``jacobian-lab inspect examples/gallery/run.py:NAME`` (each model at the
+# tiny size, read as ``read`` reads it; the key builds the params, so ``--seeds`` works):
+def _inspect_factory(name: str):
+    def factory(key):
+        _, x, net, params = read(name, "tiny", key=key)
+        return net, params, x
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"The gallery's {name} at the tiny size, read: (net, params, x)."
+    return factory
+
+
+resnet18_linen = _inspect_factory("resnet18_linen")
+resnet18_linen_batch_stats = _inspect_factory("resnet18_linen_batch_stats")
+vit_equinox = _inspect_factory("vit_equinox")
+gpt2_nnx = _inspect_factory("gpt2_nnx")
+mlp_jax = _inspect_factory("mlp_jax")
+mixer_linen = _inspect_factory("mixer_linen")
 
 
 def main(argv=None) -> None:

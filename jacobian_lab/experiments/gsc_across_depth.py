@@ -31,7 +31,7 @@ import jacobian_lab as jl
 from jacobian_lab import meanfield
 from jacobian_lab.experiments.constants import gaussian_inputs
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
-from jacobian_lab.plot import STYLE, plot_band, save_figure, series_style
+from jacobian_lab.plot import STYLE, save_figure, series_style
 
 EXPLODING_RATE = 1.02
 """A family explodes when its fitted GSC growth rate per layer exceeds this (a factor
@@ -188,23 +188,23 @@ def plot(data: dict, folder: Path, formats) -> list[Path]:
         for ax, resnet in zip(axes, (False, True), strict=True):
             names = [n for n in profiles if n.startswith("resnet-") == resnet]
             for i, name in enumerate(names):
-                p = np.array(profiles[name])
                 # measured solid (dashed after 7 colours); its theory dotted, same colour
                 style = {"color": series_style(i)["color"], "linestyle": "-" if i < 7 else "--"}
-                plot_band(ax, np.arange(p.shape[1]), p, label=name, style=style, log=True)
                 theory = data.get("theory", {}).get(name)
                 if theory is not None:
                     theory = np.asarray(theory, dtype=float)  # None (no theory) -> NaN
-                    ax.plot(np.arange(len(theory)), theory, ":", color=style["color"], lw=1.3)
+                jl.plot.gsc_profile(
+                    np.array(profiles[name]), ax, theory=theory, label=name, style=style
+                )
             ax.plot([], [], ":", color="0.3", lw=1.3, label="mean-field theory")
-            ax.set_yscale("log")
             ax.set_xlabel(("block" if resnet else "layer") + " k (0 = output, L = input)")
+            ax.set_ylabel("")
             ax.set_title("ResNets" if resnet else "plain MLPs", fontsize=8)
             ax.legend(ncol=2, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.25))
         axes[0].set_ylabel("GSC(k, 0) (dimensionless)")
         fig.suptitle(
-            f"depth {data['profile_depth']}, width {data['profile_width']}; band: min-max over "
-            "seeds; dotted: mean-field prediction for the same inputs",
+            f"depth {data['profile_depth']}, width {data['profile_width']}; line: median, "
+            "band: min-max over seeds; dotted: mean-field prediction for the same inputs",
             fontsize=7,
         )
         paths += save_figure(fig, folder / "gsc_profiles", formats)

@@ -130,17 +130,11 @@ def write_outputs(
     metrics = sorted({k for r in ins.remedies for k in (*r.before, *r.after)})
     with writing(out / "remedies.csv"), open(out / "remedies.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(
-            ["remedy", "applies", *[f"{m}_{t}" for m in metrics for t in ("before", "after")]]
-        )
+        kinds = ("before", "after", "predicted")
+        w.writerow(["remedy", "applies", *[f"{m}_{t}" for m in metrics for t in kinds]])
         for r in ins.remedies:
             w.writerow(
-                [r.name, r.applies]
-                + [
-                    r.before.get(m, "") if t == "b" else r.after.get(m, "")
-                    for m in metrics
-                    for t in "ba"
-                ]
+                [r.name, r.applies] + [getattr(r, t).get(m, "") for m in metrics for t in kinds]
             )
     written.append(out / "remedies.csv")
 
@@ -209,10 +203,14 @@ def _write_page(out: Path, ins: jl.Inspection, title: str, figures: dict, second
         f"<tr><td>{html.escape(r.name)}</td><td>{'yes' if r.applies else 'no'}</td>"
         f"<td>{html.escape(r.why)}</td>"
         + "".join(
-            f"<td>{_fmt(r.before.get(m, math.nan))} &rarr; {_fmt(r.after.get(m, math.nan))}</td>"
+            f"<td>{_fmt(r.before.get(m, math.nan))} &rarr; {_fmt(r.after.get(m, math.nan))}"
+            + (f"<br><small>predicted {_fmt(r.predicted[m])}</small>" if m in r.predicted else "")
+            + "</td>"
             for m in ("gsc_L", "growth_rate", "output_cosine", "length_ratio")
         )
-        + f"<td><pre>{html.escape(json.dumps(jsonable(r.setting), indent=1))}</pre></td></tr>"
+        + f"<td><pre>{html.escape(json.dumps(jsonable(r.setting), indent=1))}</pre>"
+        + (f"<small>{html.escape(r.prediction)}</small>" if r.prediction else "")
+        + "</td></tr>"
         for r in ins.remedies
     )
     imgs = "".join(
@@ -235,9 +233,11 @@ def _write_page(out: Path, ins: jl.Inspection, title: str, figures: dict, second
         f"l = L the input.</p>"
         f"<section><h2>Findings</h2><ul>{findings}</ul>"
         + (f"<p>Mean field: {html.escape(json.dumps(ins.theory))}</p>" if ins.theory else "")
-        + "</section><section><h2>Remedies, applied and measured again</h2><table><tr>"
+        + "</section><section><h2>Remedies, applied and measured again, beside their "
+        "predictions</h2><table><tr>"
         "<th>remedy</th><th>applies</th><th>what</th><th>GSC(L, 0)</th><th>growth rate</th>"
-        f"<th>output cosine</th><th>||f_0|| / ||f_L||</th><th>setting</th></tr>{remedy_rows}"
+        "<th>output cosine</th><th>||f_0|| / ||f_L||</th><th>setting; how the prediction "
+        f"was made</th></tr>{remedy_rows}"
         "</table></section>"
         f"<section><h2>Figures</h2>{imgs}</section>"
         f"<section><h2>Input-output Jacobian</h2><pre>{html.escape(json.dumps(spec, indent=1))}"
@@ -305,6 +305,11 @@ def run(args, log: Callable[[str], None]) -> int:
                 f"{r.after.get('gsc_L', math.nan):.4g}, growth rate "
                 f"{r.before.get('growth_rate', math.nan):.4f} -> "
                 f"{r.after.get('growth_rate', math.nan):.4f}"
+                + (
+                    f" (predicted {r.predicted['growth_rate']:.4f})"
+                    if "growth_rate" in r.predicted
+                    else ""
+                )
             )
         else:
             print(f"remedy {r.name}: does not apply ({r.why})")
