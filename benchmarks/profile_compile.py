@@ -8,8 +8,9 @@ Run by hand:
 
 Every item runs in a fresh Python process (a code block of README.md or docs/ as a script,
 those marked ``<!-- no-test -->`` left out, as tests/test_docs.py does; an analysis as
-``jacobian-lab report --analyses NAME``; a test module under ``pytest -n 0``) with JAX's
-``log_compiles`` messages collected, and one row is printed per item: its wall seconds,
+``jacobian-lab report --analyses NAME`` into a fresh ``build/profile_runs/NAME``, whose
+JSON a profile of other code can be compared with; a test module under ``pytest -n 0``)
+with JAX's ``log_compiles`` messages collected, and one row is printed per item: its wall seconds,
 the seconds JAX spent tracing (jaxpr building, ``Finished tracing``), lowering to MLIR and
 compiling with XLA (``Finished XLA compilation``), the rest ("run": executing, Python,
 imports), and the number of distinct programs XLA compiled (and, with a cache, how many
@@ -24,6 +25,7 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -73,7 +75,10 @@ def _child(kind: str, item: str, out: str, size: str) -> None:
     elif kind == "analyses":
         from jacobian_lab.experiments.cli import main
 
-        main(["report", "--analyses", item, "--size", size, "--out", out + ".d"])
+        # a fresh folder: the report resumes from finished work in an old one
+        folder = pathlib.Path(out).parent / "profile_runs" / item
+        shutil.rmtree(folder, ignore_errors=True)
+        main(["report", "--analyses", item, "--size", size, "--out", str(folder)])
     else:
         import pytest
 

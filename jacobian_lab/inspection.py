@@ -574,7 +574,7 @@ def inspect(
 
     say("input-output Jacobian spectrum")
     spectrum = _spectrum(model, seeds[0], x, method, key, memory_budget, notes)
-    theory = _theory(model, x)
+    theory = _theory(model, x, notes)
     findings = _findings(model, labels, blocks, columns, gsc_all, growth, theory)
 
     rows = []
@@ -663,9 +663,10 @@ def _spectrum(model, params, x, method, key, budget, notes) -> Spectrum | None:
     )
 
 
-def _theory(model: Model, x) -> dict:
+def _theory(model: Model, x, notes: list | None = None) -> dict:
     """Mean-field predictions for a built-in plain network with Gaussian weights, where
-    :func:`~jacobian_lab.gsc_growth_rate` covers it; else empty."""
+    :func:`~jacobian_lab.gsc_growth_rate` covers it; else empty (with a note naming the
+    cause where the theory was tried and refused)."""
     if not (
         isinstance(model, Network)
         and model.num_blocks == 0
@@ -682,7 +683,9 @@ def _theory(model: Model, x) -> dict:
         if model.norm == "none":
             out["critical_sigma_w"] = float(critical_sigma_w(model.activation, model.sigma_b))
         return out
-    except (ValueError, NotImplementedError, TypeError):
+    except (ValueError, NotImplementedError, TypeError) as e:
+        if notes is not None:
+            _note(notes, f"no mean-field prediction for this network: {e}")
         return {}
 
 
@@ -820,8 +823,31 @@ def _predict(model, params, x, notes, change: dict, **kw) -> tuple[dict, str]:
     return out, ""
 
 
+def _miss(predicted: dict, after: dict, m, p, x, notes, blocks) -> str:
+    """Where the prediction of ``gsc_L`` misses the measurement by more than 25%: a
+    sentence with the factor and the remedied model's median ``|cos(skip, branch)|`` over
+    ``blocks`` (GSC-paper indices of block outputs; the equation assumes 0), else ``""``."""
+    if "gsc_L" not in predicted or "gsc_L" not in after:
+        return ""
+    factor = after["gsc_L"] / predicted["gsc_L"]
+    if not math.isfinite(factor) or abs(math.log(factor)) <= math.log(1.25):
+        return ""
+    line = f" The measurement is {factor:.3g} times the prediction"
+    try:
+        cos = np.abs(_np(_quiet(pythagorean_decomposition, notes, m, p, x).cosine))
+        cols = [i for i, l in enumerate(m.block_outputs) if l in set(blocks)]
+        line += (
+            f"; in the remedied model the median |cos(skip, branch)| of those blocks is "
+            f"{float(np.median(cos[:, cols])):.2f} (the equation assumes 0), and the later "
+            "layers see changed inputs."
+        )
+    except (FloatingPointError, ValueError, MemoryError):
+        line += "."
+    return line
+
+
 _FIRST_ORDER = (
-    " (first order: the layers after a changed block are taken to see the inputs they saw before)"
+    " (first order: the layers after a changed block are taken to see the inputs they saw before)."
 )
 
 
@@ -853,6 +879,7 @@ def _branch_scale(model, params, x, before, notes, *, alpha, **kw) -> Remedy:
             )
             if any(model.block_posts):
                 predicted, how = {}, "no prediction: blocks with a post are not skip + branch"
+            how += _miss(predicted, after, m, (params, m.knobs(alpha=a)), x, notes, change)
         except (FloatingPointError, ValueError, MemoryError) as e:
             how = f"no prediction: {e}"
     return Remedy(
@@ -1047,6 +1074,7 @@ def _skips(model, params, x, before, notes, *, alpha, **kw) -> Remedy:
                 "each new block's GSC from the Pythagorean equation with the layer's GSC as "
                 "the branch's and rho = ||f_l|| / ||f_{l+1}||" + _FIRST_ORDER
             )
+            how += _miss(predicted, after, m, p, x, notes, new_blocks)
         except (FloatingPointError, ValueError, MemoryError) as e:
             how = f"no prediction: {e}"
     return Remedy("skips", True, setting, before, after, why, predicted, how)
