@@ -114,8 +114,9 @@ class Dilution(NamedTuple):
         gsc: ``(N, L)`` (``fit="jacobian"``; else ``None``): the measured
             ``GSC(l+1, l) = qm(J_f) ||v|| / ||f||`` per sample.
         linear_gsc: ``(N, L)`` or ``None``; ``qm(S) ||v|| / ||S v||``.
-        remainder_gsc: ``(N, L)`` or ``None``; ``qm(J_f - S) ||v|| / ||rho(v)||``
-            (meaningless for a linear layer, whose remainder is rounding).
+        remainder_gsc: ``(N, L)`` or ``None``; ``qm(J_f - S) ||v|| / ||rho(v)||``;
+            NaN where the remainder is rounding (``||rho(v)|| <= 64 eps ||S v||``, a
+            linear layer), where it is 0/0.
         predicted_gsc: ``(N, L)`` or ``None``; formula (*) with the per-sample ``k``,
             i.e. squared qm norms and squared lengths add:
             ``||v|| sqrt((qm(S)^2 + qm(J_f - S)^2) / (||S v||^2 + ||rho||^2))``.
@@ -189,6 +190,9 @@ def _split_jacobian(V: jax.Array, F: jax.Array, J: jax.Array):
     g = jnp.exp(jnp.log(q_f) + log_v - log_norm(F))
     g_s = jnp.exp(jnp.log(q_s) + log_v - log_norm(lin))
     g_r = jnp.exp(jnp.log(q_r) + log_v - log_norm(rem))
+    # a remainder at rounding level (a linear layer) has no GSC: 0/0, NaN rather than noise
+    rounding = norm(rem) <= 64 * jnp.finfo(rem.dtype).eps * norm(lin)
+    g_r = jnp.where(rounding, jnp.nan, g_r)
     pred = jnp.exp(log_v) * jnp.sqrt((q_s**2 + q_r**2) / (norm(lin) ** 2 + norm(rem) ** 2))
     return share, g, g_s, g_r, pred
 

@@ -62,6 +62,12 @@ def test_linear_layer_is_all_linear_part(dtype, tol):
         d = jl.dilution(net, params, x, fit=fit)
         assert np.all(1 - np.asarray(d.linear_share) < tol), (fit, d.linear_share)
     assert jl.Dilution(jnp.ones(1), *([None] * 6), 1).dilution[0] == jnp.inf
+    # its remainder is rounding: no remainder GSC (0/0), while the linear part's is the GSC
+    d = jl.dilution(net, params, x)
+    assert np.all(np.isnan(np.asarray(d.remainder_gsc)))
+    np.testing.assert_allclose(d.linear_gsc, d.gsc, rtol=100 * tol)
+    tanh = jl.dilution(jl.mlp(1, 6, "tanh", dtype=dtype), params, x)
+    assert np.all(np.isfinite(np.asarray(tanh.remainder_gsc)))
 
 
 def _hand_resnet(net, params):
