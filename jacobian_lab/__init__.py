@@ -39,6 +39,7 @@ from jacobian_lab.gsc import (
     gsc_estimate,
     gsc_matrix,
     gsc_over_seeds,
+    layer_gsc,
     qm_norm,
 )
 from jacobian_lab.initializers import INITIALIZERS, weight_matrix
@@ -220,6 +221,7 @@ __all__ = [
     "input_output_jacobian",
     "input_to_layer_jacobians",
     "inspect",
+    "layer_gsc",
     "jacobian",
     "jacobian_moments",
     "jacobian_operator",

@@ -51,7 +51,7 @@ from jacobian_lab.checks import check_key
 from jacobian_lab.dilution import dilution
 from jacobian_lab.domain import domain_statistics
 from jacobian_lab.driver import compute_dtype, prepare
-from jacobian_lab.gsc import dense_gsc_bytes, gradient_norm, growth_rate, gsc, gsc_matrix
+from jacobian_lab.gsc import dense_gsc_bytes, gradient_norm, growth_rate, gsc, layer_gsc
 from jacobian_lab.layered import layer_outputs
 from jacobian_lab.matrix_free import choose_method
 from jacobian_lab.meanfield import critical_sigma_w, gsc_growth_rate
@@ -543,8 +543,8 @@ def inspect(
             cols["gradient_norm"] = _median_rows(
                 _np(_quiet(gradient_norm, notes, model, p, x, method="dense"))
             )
-            G = _np(_quiet(gsc_matrix, notes, model, p, x, log=True))
-            cols["gsc_layer"] = _pad(np.exp(np.median(np.diagonal(G, -1, 1, 2), axis=0)), L)
+            G = _np(_quiet(layer_gsc, notes, model, p, x, log=True))
+            cols["gsc_layer"] = _pad(np.exp(np.median(G, axis=0)), L)
             if model.batch_coupled:
                 _note(
                     notes,
@@ -1058,8 +1058,8 @@ def _skips(model, params, x, before, notes, *, alpha, **kw) -> Remedy:
     predicted, how = {}, "no prediction: it needs the layers' Jacobians (the dense method)"
     if _resolves_dense(model, params, x, kw.get("method", "auto"), kw.get("memory_budget")):
         try:
-            G = _np(_quiet(gsc_matrix, notes, model, params, x, log=True)).astype(np.float64)
-            g = np.exp(np.diagonal(G, -1, 1, 2))  # (S, L): GSC(l+1, l), the layer of f_l
+            G = _np(_quiet(layer_gsc, notes, model, params, x, log=True)).astype(np.float64)
+            g = np.exp(G)  # (S, L): GSC(l+1, l), the layer of f_l
             lengths = _lengths(model, params, x)
             new_blocks = sorted(set(m.block_outputs) - set(model.block_outputs))
             change = {}

@@ -150,3 +150,25 @@ def test_gsc_over_seeds_names_the_layer_that_went_non_finite(key):
 def test_growth_rate_needs_two_layers():
     with pytest.raises(ValueError, match="at least two"):
         jl.growth_rate(jnp.ones(1))
+
+
+@pytest.mark.parametrize(
+    "net",
+    [
+        jl.resmlp(3, 12, "tanh", dtype="float64"),
+        jl.mlp(4, 10, "relu", norm="batch", dtype="float64"),  # batch-coupled: one sample
+        jl.mlp(3, 9, "tanh", in_dim=5, dtype="float64"),  # a layer that changes the width
+    ],
+    ids=["resmlp", "batchnorm", "widths"],
+)
+def test_layer_gsc_is_the_diagonal_of_the_all_pairs_matrix(net):
+    """GSC(l+1, l) from one Jacobian per layer equals the all-pairs matrix's entry (which
+    the tests above check against jax.jacfwd), at every layer and sample."""
+    params = net.init(jax.random.PRNGKey(0))
+    x = _x(6, net.in_dim or net.width)
+    G = np.asarray(jl.gsc_matrix(net, params, x))
+    got = np.asarray(jl.layer_gsc(net, params, x))
+    L = net.num_layers
+    assert got.shape == (G.shape[0], L)
+    np.testing.assert_allclose(got, G[:, np.arange(1, L + 1), np.arange(L)], rtol=1e-10)
+    np.testing.assert_allclose(jl.layer_gsc(net, params, x, log=True), np.log(got), rtol=1e-12)
