@@ -159,9 +159,9 @@ def test_readme_is_a_landing_page():
     assert len(text.splitlines()) <= 200
     for line in (
         "pip install -e . && jacobian-lab report --out results/report",
-        "(~10 min on 2 idle CPU cores, ~25 busy)",
+        "(~24 min on 2 CPU cores; ~9 min again, with the compilation cache)",
         "pip install -e '.[test]' && python -m pytest -q",
-        "(~30 min on 2 CPU cores)",
+        "(~10 min on 2 idle CPU cores, longer on a busy machine)",
         "pip install -e '.[docs]' && mkdocs serve",
         "## Dependencies",
         "**jax/jaxlib 0.10.2 is excluded.**",
