@@ -635,6 +635,13 @@ def growth_rate(g: jax.Array, *, log: bool = False) -> GrowthRate:
     return GrowthRate(jnp.exp(slope), jnp.exp(intercept), endpoint)
 
 
+def stacked_draws(init, keys) -> Params:
+    """``init(k)`` for each key, stacked on a leading seed axis: the params of a seed
+    sweep. Drawn one key at a time (init compiles once): a batched draw, ``vmap(init)``,
+    makes XLA's compile of the looks-linear initializer's batched QR hang on CPU."""
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[init(k) for k in keys])
+
+
 def check_keys(keys) -> None:
     """Raise ``TypeError`` unless ``keys`` is a stack of PRNG keys, one per seed."""
     typed = hasattr(keys, "dtype") and jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
@@ -694,10 +701,8 @@ def gsc_over_seeds(
             "keys holds no seeds (a leading axis of length 0): pass "
             "jax.random.split(jax.random.PRNGKey(0), n_seeds) with n_seeds >= 1"
         )
-    # Parameters are drawn outside the sharded program and one seed at a time (a Python
-    # loop over the seeds; init compiles once): a batched draw, under vmap, makes XLA's
-    # compile of the looks-linear initializer's batched QR hang on CPU (width 100).
-    params = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[init(k) for k in keys])
+    # Parameters are drawn outside the sharded program, one seed at a time (stacked_draws).
+    params = stacked_draws(init, keys)
     params0 = jax.tree_util.tree_map(lambda a: a[0], params)
     xs = prepare(net, params0, x)
     if choose_method(method, dense_gsc_bytes(net, params0, xs), memory_budget) == "dense":

@@ -524,6 +524,8 @@ def inspect(
         say(f"seed {i + 1} of {len(seeds)}: GSC, lengths, domain")
         cols: dict[str, np.ndarray] = {}
         log_g = _np(_quiet(gsc, notes, model, p, x, log=True, method=method, **kw))
+        if i == 0:
+            log_g0 = log_g  # the first seed's profile: the remedies' predictions start there
         if dense is None:
             dense = _resolves_dense(model, p, x, method, memory_budget)
         gscs.append(np.exp(log_g))
@@ -584,7 +586,17 @@ def inspect(
         for name in remedies:
             say(f"remedy: {name}")
             rows.append(
-                _REMEDY[name](model, seeds[0], x, before, notes, method=method, alpha=alpha, **kw)
+                _REMEDY[name](
+                    model,
+                    seeds[0],
+                    x,
+                    before,
+                    notes,
+                    method=method,
+                    alpha=alpha,
+                    profile=log_g0,
+                    **kw,
+                )
             )
     return Inspection(
         labels, blocks, columns, gsc_all, growth, spectrum, findings, rows, theory, notes, method
@@ -803,15 +815,18 @@ def _pythagorean_block(skip_gsc2, branch_gsc, ratio):
     return np.sqrt((skip_gsc2 + (branch_gsc * ratio) ** 2) / (1 + ratio**2))
 
 
-def _predict(model, params, x, notes, change: dict, **kw) -> tuple[dict, str]:
+def _predict(model, params, x, notes, change: dict, profile=None, **kw) -> tuple[dict, str]:
     """The metrics of :func:`summary_metrics` that follow when the GSC across each block
     ``l`` (GSC-paper index of its output) changes by the factor ``change[l]`` (per
     sample, ``(S,)``) and nothing else does: ``GSC(k, 0)`` gains the factors of the
-    blocks below ``k``. Returns ``({}, why)`` where a factor is not finite."""
+    blocks below ``k`` (``profile``: the model's log ``GSC(k, 0)``, ``(S, L+1)``, where
+    already measured). Returns ``({}, why)`` where a factor is not finite."""
     factors = np.stack(list(change.values()), axis=1) if change else np.zeros((1, 0))
     if not np.all(np.isfinite(factors)) or not np.all(factors > 0):
         return {}, "no prediction: a block's predicted GSC is not finite (a zero branch?)"
-    log_g = _np(_quiet(gsc, notes, model, params, x, log=True, **kw)).astype(np.float64)
+    if profile is None:
+        profile = _quiet(gsc, notes, model, params, x, log=True, **kw)
+    log_g = _np(profile).astype(np.float64)  # a copy
     for l, f in change.items():
         log_g[:, l + 1 :] += np.log(f)[:, None]
     rate = _np(growth_rate(jnp.asarray(log_g), log=True).rate)
@@ -851,7 +866,7 @@ _FIRST_ORDER = (
 )
 
 
-def _branch_scale(model, params, x, before, notes, *, alpha, **kw) -> Remedy:
+def _branch_scale(model, params, x, before, notes, *, alpha, profile=None, **kw) -> Remedy:
     n = len(model.block_outputs)
     if n == 0:
         return Remedy("branch_scale", False, {}, before, {}, "the model has no residual blocks")
@@ -872,7 +887,7 @@ def _branch_scale(model, params, x, before, notes, *, alpha, **kw) -> Remedy:
             g_s2 = pred**2 * (1 + rho**2) - (g_r * rho) ** 2  # the skip's GSC, squared
             new = _pythagorean_block(g_s2, g_r, a * rho)
             change = {l: new[:, b] / meas[:, b] for b, l in enumerate(model.block_outputs)}
-            predicted, how = _predict(model, params, x, notes, change, **kw)
+            predicted, how = _predict(model, params, x, notes, change, profile, **kw)
             how = how or (
                 "each block's GSC from the Pythagorean equation with its branch ratio rho "
                 "scaled by alpha and its branch GSC kept" + _FIRST_ORDER
@@ -917,8 +932,8 @@ def _stage_rates(model, params, x, notes, first, size, **kw) -> tuple[float, flo
     return float(np.exp(gsc_slope)), float(np.exp(-length_slope))  # lengths: forward
 
 
-def _weight_scale(model, params, x, before, notes, *, alpha, **kw) -> Remedy:
-    del alpha
+def _weight_scale(model, params, x, before, notes, *, alpha, profile=None, **kw) -> Remedy:
+    del alpha, profile
     stages = _stage_layers(model)
     if not stages:
         return Remedy(
@@ -1033,7 +1048,7 @@ def _same_shape_layers(model, params, x) -> list[tuple[int, int]]:
     return out
 
 
-def _skips(model, params, x, before, notes, *, alpha, **kw) -> Remedy:
+def _skips(model, params, x, before, notes, *, alpha, profile=None, **kw) -> Remedy:
     del alpha
     where = _same_shape_layers(model, params, x)
     if not where:
@@ -1069,7 +1084,7 @@ def _skips(model, params, x, before, notes, *, alpha, **kw) -> Remedy:
                 for row in setting["layers"]:
                     if row["layer"] == model.names[model.num_layers - 1 - l]:
                         row["predicted_k"] = float(np.median(1 / rho))
-            predicted, how = _predict(model, params, x, notes, change, **kw)
+            predicted, how = _predict(model, params, x, notes, change, profile, **kw)
             how = how or (
                 "each new block's GSC from the Pythagorean equation with the layer's GSC as "
                 "the branch's and rho = ||f_l|| / ||f_{l+1}||" + _FIRST_ORDER

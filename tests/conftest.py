@@ -30,17 +30,9 @@ def _fresh_compilation_caches():
     """Drop JAX's compiled programs after each test module. One process compiling the whole
     suite (~250 tests, thousands of programs) ended twice in a crash inside XLA's CPU
     compiler near the end (a segfault, then an abort, in trivial programs that pass when
-    their module runs alone); the modules share no compiled programs, so this costs
-    nothing."""
+    their module runs alone), and an xdist worker's programs kept alive together ran it out
+    of memory for LLVM's code; the modules share no compiled programs, and the persistent
+    cache serves one needed again, so this costs nothing."""
     yield
     jax.clear_caches()
     gc.collect()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _free_compiled_programs():
-    """Free every compiled program after each test module: a worker process runs many
-    modules, and their programs kept alive together ran it out of memory for LLVM's code
-    (a crash in a late module); the persistent cache serves a program needed again."""
-    yield
-    jax.clear_caches()

@@ -49,6 +49,7 @@ from scipy import stats
 
 import jacobian_lab as jl
 from jacobian_lab.experiments.report import Analysis, Verdict, script_main
+from jacobian_lab.gsc import stacked_draws
 from jacobian_lab.plot import STYLE, plot_band, save_figure, series_style
 
 EXPLODING_RATE = 1.02
@@ -155,9 +156,7 @@ def compute(unit: dict) -> dict:
     net = dataclasses.replace(net, in_dim=data.x_train.shape[1])
     seeds = unit["seeds"]
     init_keys = jax.random.split(jax.random.PRNGKey(0), seeds)
-    # one seed at a time: a batched draw (vmap of init) makes XLA's compile of the
-    # looks-linear initializer's batched QR hang on CPU
-    init = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[net.init(k) for k in init_keys])
+    init = stacked_draws(net.init, init_keys)
     runs = [(o, lr, s) for o, lrs in unit["lrs"].items() for lr in lrs for s in range(seeds)]
     pick = np.array([s for _, _, s in runs])
     params = jax.tree_util.tree_map(lambda a: a[pick], init)
