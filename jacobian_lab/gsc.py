@@ -573,10 +573,16 @@ def layer_gsc(net: Model, params: Params, x, *, log: bool = False) -> jax.Array:
     Raises:
         FloatingPointError: a layer's output or Jacobian is not finite (names the layer).
         MemoryError: the layers' Jacobians cannot fit (before anything is allocated).
+        OverflowError: with ``log=False``, a value beyond the dtype's range.
+    Warns :class:`UnderflowWarning` where a layer's Jacobian is exactly zero (saturated or
+    dead units), naming the first such layer, or (values) below the dtype's range.
     """
     log_g, ok, log_len = _layer_log_gsc(net, params, prepare(net, params, x))
     check_finite(ok, net)
     check_lengths(log_len, net)
+    # column k = l + 1 holds layer l, as a profile's column k holds GSC(k, 0)
+    padded = jnp.concatenate([jnp.zeros_like(log_g[:, :1]), log_g], axis=1)
+    check_log_range(padded, net, log=log, call="layer_gsc", name="GSC(l+1, l) at l+1 = {k}")
     return log_g if log else jnp.exp(log_g)
 
 

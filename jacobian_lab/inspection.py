@@ -844,8 +844,11 @@ def _miss(predicted: dict, after: dict, m, p, x, notes, blocks) -> str:
     ``blocks`` (GSC-paper indices of block outputs; the equation assumes 0), else ``""``."""
     if "gsc_L" not in predicted or "gsc_L" not in after:
         return ""
-    factor = after["gsc_L"] / predicted["gsc_L"]
-    if not math.isfinite(factor) or abs(math.log(factor)) <= math.log(1.25):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = float(np.float64(after["gsc_L"]) / np.float64(predicted["gsc_L"]))
+    if not (math.isfinite(factor) and factor > 0):  # a GSC that under- or overflowed
+        return f" The measurement ({after['gsc_L']:.3g}) cannot be set against the prediction."
+    if abs(math.log(factor)) <= math.log(1.25):
         return ""
     line = f" The measurement is {factor:.3g} times the prediction"
     try:

@@ -5,6 +5,7 @@ import pytest
 from scipy.integrate import quad
 
 import jacobian_lab as jl
+from jacobian_lab.gsc import UnderflowWarning
 
 
 def _x(n, d, dtype=jnp.float64, seed=1):
@@ -172,3 +173,14 @@ def test_layer_gsc_is_the_diagonal_of_the_all_pairs_matrix(net):
     assert got.shape == (G.shape[0], L)
     np.testing.assert_allclose(got, G[:, np.arange(1, L + 1), np.arange(L)], rtol=1e-10)
     np.testing.assert_allclose(jl.layer_gsc(net, params, x, log=True), np.log(got), rtol=1e-12)
+
+
+def test_layer_gsc_of_a_saturated_layer_warns_naming_it():
+    """tanh with sigma_w = 1e4 in float32: tanh' rounds to exactly 0, so the last layer's
+    Jacobian is zero while its output (+-1) is not; the zero comes back with a warning
+    naming that layer, not as a silent measurement."""
+    net = jl.mlp(2, 8, "tanh", sigma_w=1e4)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 8))
+    with pytest.warns(UnderflowWarning, match="dense2"):
+        g = jl.layer_gsc(net, net.init(jax.random.PRNGKey(0)), x)
+    assert np.all(np.asarray(g)[:, 0] == 0)
